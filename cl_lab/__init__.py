@@ -1,0 +1,13 @@
+"""cl-lab: the helper package behind the continual-learning workbook.
+
+Library here, story in the notebooks: ``data`` (datasets, task streams), ``models``, ``train`` (the loop
+and its hooks), ``methods``, ``metrics``, ``plots``, ``widgets``, ``check`` (claims as asserts),
+``probes`` and ``device``.
+"""
+
+from cl_lab import check, data, device, methods, metrics, models, plots, probes, train, widgets
+from cl_lab.device import pick_device, seed_everything
+
+__version__ = "0.1.0"
+__all__ = ["check", "data", "device", "methods", "metrics", "models", "plots", "probes", "train", "widgets",
+           "pick_device", "seed_everything"]

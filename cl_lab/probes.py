@@ -1,0 +1,68 @@
+"""Measuring instruments that plug into the loop like methods but change nothing: they record how
+training on a new task moves the weights and how its gradient relates to an old task's."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cl_lab import _validate
+from cl_lab.methods.base import Context, Method
+from cl_lab.models import flat_params
+
+
+def _flat_grad(model) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in model.parameters()])
+
+
+class GradientInterference(Method):
+    """Cosine between the current batch gradient and the gradient of an old task's loss.
+
+    Every ``every`` steps after task ``old_task`` was learned, records (step, train_task, cosine). A
+    negative cosine means the step that lowers the new loss raises the old one, to first order.
+    """
+
+    name = "gradient-interference probe"
+
+    def __init__(self, old_task: int = 0, every: int = 10, n_samples: int = 256) -> None:
+        self.old_task = _validate.non_negative_int("old_task", old_task)
+        self.every = _validate.positive_int("every", every)
+        self.n_samples = _validate.positive_int("n_samples", n_samples)
+        self.records: list[tuple[int, int, float]] = []
+
+    def before_step(self, ctx: Context) -> None:
+        if ctx.task_index <= self.old_task or ctx.task_step % self.every:
+            return
+        old = ctx.stream.tasks[self.old_task]
+        x = old.x_train[: self.n_samples].to(ctx.device)
+        y = old.y_train[: self.n_samples].to(ctx.device)
+        t = old.t_train[: self.n_samples].to(ctx.device)
+        params = list(ctx.model.parameters())
+        old_grads = torch.autograd.grad(F.cross_entropy(ctx.forward(x, t), y), params)
+        g_old = torch.cat([g.reshape(-1) for g in old_grads])  # [P]
+        cosine = F.cosine_similarity(_flat_grad(ctx.model), g_old, dim=0).item()
+        self.records.append((ctx.step, ctx.task_index, cosine))
+
+
+class WeightDrift(Method):
+    """‖θ − θ*‖₂, θ* the weights at the end of task ``anchor_task``, recorded every ``every`` steps."""
+
+    name = "weight-drift probe"
+
+    def __init__(self, anchor_task: int = 0, every: int = 10) -> None:
+        self.anchor_task = _validate.non_negative_int("anchor_task", anchor_task)
+        self.every = _validate.positive_int("every", every)
+        self.anchor: torch.Tensor | None = None
+        self.records: list[tuple[int, int, float]] = []
+
+    def on_task_end(self, ctx: Context) -> None:
+        if ctx.task_index == self.anchor_task:
+            self.anchor = flat_params(ctx.model)
+            self.records.append((ctx.step, ctx.task_index, 0.0))
+
+    def after_step(self, ctx: Context) -> None:
+        if self.anchor is None or (ctx.step + 1) % self.every:
+            return
+        drift = (flat_params(ctx.model) - self.anchor).norm().item()
+        self.records.append((ctx.step + 1, ctx.task_index, drift))
