@@ -1,0 +1,21 @@
+# Shared by the scripts: make (or reuse) the project's virtual environment and install the pinned set.
+# Usage: source scripts/_env.sh EXTRA   (EXTRA is "lab" or "test")
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${CL_LAB_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "cl-lab: creating the virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+echo "cl-lab: installing the pinned packages (requirements/constraints.txt) into $VENV"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+  -c "$ROOT/requirements/constraints.txt" -e "$ROOT[$1]" 2> >(grep -v "^WARNING: Location" >&2)
+export PATH="$VENV/bin:$PATH"
+# Keep Jupyter, IPython and matplotlib state inside the work folder, not in $HOME.
+WORK="$ROOT/.ci-work"
+mkdir -p "$WORK"
+export JUPYTER_CONFIG_DIR="$WORK/jupyter-config" JUPYTER_DATA_DIR="$WORK/jupyter-data" \
+  JUPYTER_RUNTIME_DIR="$WORK/jupyter-runtime" IPYTHONDIR="$WORK/ipython" MPLCONFIGDIR="$WORK/mpl" \
+  XDG_CACHE_HOME="$WORK/cache" MPLBACKEND="${MPLBACKEND:-Agg}"
+"$VENV/bin/python" -m ipykernel install --user --name python3 --display-name "Python 3 (cl-lab)" >/dev/null

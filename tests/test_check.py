@@ -1,0 +1,36 @@
+import pytest
+
+from cl_lab import check
+
+
+@pytest.fixture(autouse=True)
+def _defaults():
+    check.use_defaults(True)
+    yield
+    check.use_defaults(True)
+
+
+def test_passing_claim_prints_a_green_line(capsys):
+    assert check.at_least(0.93, 0.90, "EWC keeps task 1 above 90 %")
+    assert "✓ claim: EWC keeps task 1 above 90 %" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("call", [
+    lambda: check.at_least(0.5, 0.9, "c"), lambda: check.at_most(0.5, 0.1, "c"),
+    lambda: check.between(0.5, 0.6, 0.9, "c"), lambda: check.greater(0.5, 0.45, "c", margin=0.1),
+    lambda: check.close(1.0, 1.1, "c"), lambda: check.true(False, "c")])
+def test_failing_claims_raise_with_the_claim(call):
+    with pytest.raises(check.ClaimFailed, match="c"):
+        call()
+
+
+def test_lesson_claims_skip_visibly_off_defaults(capsys):
+    check.use_defaults(False)
+    assert check.at_least(0.1, 0.9, "needs defaults")
+    assert "↷ claim skipped: needs defaults" in capsys.readouterr().out
+
+
+def test_invariants_run_at_any_parameters():
+    check.use_defaults(False)
+    with pytest.raises(check.ClaimFailed):
+        check.close(1.0, 2.0, "exactness")
