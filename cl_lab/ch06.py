@@ -1,0 +1,124 @@
+"""Chapter 06 helpers (parameter isolation): an output recorder for the bit-exactness proof, parameter
+counts against the number of tasks, a few-shot stream for forward transfer, and the prune-ratio widget."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from cl_lab import _validate, data, models, train
+from cl_lab.data.streams import Stream, Task
+from cl_lab.methods.base import Context, Method
+from cl_lab.methods.isolation import PackNet, prognn_parameter_count
+
+
+class OutputRecorder(Method):
+    """Records ``predictor``'s logits on a fixed input of task ``task_id`` at the end of every task from
+    ``task_id`` on (put it after the method in the list, so it sees the method's final state)."""
+
+    name = "output recorder"
+
+    def __init__(self, predictor: Method, task_id: int, x: torch.Tensor) -> None:
+        self.predictor, self.task_id, self.x = predictor, task_id, x
+        self.outputs: list[torch.Tensor] = []  # one [N, n_out] tensor per recorded task end
+
+    @torch.no_grad()
+    def on_task_end(self, ctx: Context) -> None:
+        if ctx.task_index < self.task_id:
+            return
+        x = self.x.to(ctx.device)
+        t = torch.full((len(x),), self.task_id, dtype=torch.long, device=ctx.device)
+        was_training = ctx.model.training
+        ctx.model.eval()
+        self.outputs.append(self.predictor.logits(ctx.model, ctx.stream, x, t).cpu())
+        ctx.model.train(was_training)
+
+
+def lora_parameter_count(layer_dims: Sequence[int], rank: int, n_tasks: int) -> int:
+    """Parameters added by one rank-``rank`` adapter ΔW = BA per layer per task: r·(d_in + d_out) each."""
+    _validate.positive_int("rank", rank)
+    return n_tasks * sum(rank * (a + b) for a, b in pairwise(layer_dims))
+
+
+def parameter_growth(n_tasks: int = 10, in_dim: int = 784, hidden: Sequence[int] = (100, 100), n_out: int = 10,
+                     prune_ratio: float = 0.5, rank: int = 4) -> pd.DataFrame:
+    """Parameters held after each number of tasks: ProgNN with and without laterals, PackNet (fixed, with
+    the share of free weights left), and a frozen MLP plus one rank-``rank`` LoRA adapter per task."""
+    _validate.positive_int("n_tasks", n_tasks)
+    _validate.in_range("prune_ratio", prune_ratio, 0.0, 1.0, high_open=True)
+    dims = [in_dim, *hidden, n_out]
+    mlp = prognn_parameter_count(in_dim, hidden, n_out, 1, lateral=False)
+    rows = []
+    for k in range(1, n_tasks + 1):
+        rows.append({"tasks": k,
+                     "ProgNN": prognn_parameter_count(in_dim, hidden, n_out, k, lateral=True),
+                     "independent columns": prognn_parameter_count(in_dim, hidden, n_out, k, lateral=False),
+                     "PackNet": mlp,
+                     "PackNet free share": prune_ratio ** k,
+                     f"MLP + LoRA r={rank}": mlp + lora_parameter_count(dims, rank, k)})
+    return pd.DataFrame(rows)
+
+
+def plot_parameter_growth(table: pd.DataFrame):
+    fig, (ax, ax_free) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for column in table.columns.drop(["tasks", "PackNet free share"]):
+        ax.plot(table.tasks, table[column] / 1e6, "o-", ms=3, label=column)
+    ax.set_xlabel("tasks learned")
+    ax.set_ylabel("parameters (millions)")
+    ax.set_title("what isolation costs in parameters")
+    ax.legend(fontsize=7)
+    ax_free.plot(table.tasks, table["PackNet free share"], "o-", color="tab:red")
+    ax_free.set_yscale("log")
+    ax_free.set_xlabel("tasks learned")
+    ax_free.set_ylabel("share of weights still free")
+    ax_free.set_title("PackNet runs out of free weights")
+    fig.tight_layout()
+    return fig
+
+
+def few_shot_later_tasks(stream: Stream, n_train: int, seed: int = 0) -> Stream:
+    """The same stream with every task after the first cut to ``n_train`` training samples."""
+    _validate.positive_int("n_train", n_train)
+    gen = torch.Generator().manual_seed(seed)
+    tasks = [stream.tasks[0]]
+    for task in stream.tasks[1:]:
+        idx = torch.randperm(len(task.y_train), generator=gen)[:n_train]
+        tasks.append(Task(task.id, task.name, task.x_train[idx], task.y_train[idx], task.x_test, task.y_test,
+                          task.classes))
+    return Stream(f"{stream.name} (later tasks: {n_train} samples)", stream.scenario, tasks, stream.n_out,
+                  stream.input_shape)
+
+
+def prune_ratio_point(prune_ratio: float, n_tasks: int = 5, steps: int = 40, retrain_steps: int = 20,
+                      hidden: Sequence[int] = (100, 100), seed: int = 0) -> dict:
+    """One PackNet run on split MNIST (Task-IL): accuracy of each task when learned and at the end, and the
+    share of weights each task got to train (free when it started)."""
+    _validate.in_range("prune_ratio", prune_ratio, 0.0, 1.0, high_open=True)
+    stream = data.split_mnist(n_tasks, scenario="task")
+    method = PackNet(prune_ratio, retrain_steps=retrain_steps)
+    run = train.fit(models.MLP(stream.input_dim, hidden, stream.n_out), stream, method, steps=steps, seed=seed,
+                    progress=False)
+    return {"prune_ratio": prune_ratio, "just_learned": run.R.diagonal().copy(), "final": run.R[-1].copy(),
+            "trainable_share": np.array([prune_ratio ** k for k in range(n_tasks)]),
+            "free_left": method.free_fraction()}
+
+
+def plot_prune_ratio(result: dict):
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    tasks = np.arange(1, len(result["final"]) + 1)
+    ax.bar(tasks - 0.2, result["just_learned"], 0.4, label="just learned")
+    ax.bar(tasks + 0.2, result["final"], 0.4, label="after the last task")
+    ax.plot(tasks, result["trainable_share"], "k.--", label="share of weights it could train")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("task")
+    ax.set_ylabel("Task-IL accuracy / weight share")
+    ax.set_title(f"PackNet, prune ratio {result['prune_ratio']:.2f}: {result['free_left']:.1%} weights free at end",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,126 @@
+
+"""Parameter isolation: old tasks' outputs are bit-identical after later tasks; PackNet's masks are disjoint."""
+
+from itertools import pairwise
+
+import matplotlib
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cl_lab import ch06, data, models, train
+from cl_lab.methods.isolation import FREE, PackNet, ProgNN, ProgressiveNet, prognn_parameter_count
+from cl_lab.models import count_parameters
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return data.split(data.load("digits"), n_tasks=5, scenario="task", n_train=120)
+
+
+def _fit_recording(model, stream, method, steps=15):
+    x0 = stream.tasks[0].x_test
+    recorder = ch06.OutputRecorder(method, 0, x0)
+    run = train.fit(model, stream, [method, recorder], steps=steps, batch_size=32, progress=False)
+    return run, recorder.outputs
+
+
+def test_prognn_old_outputs_are_bit_identical(stream):
+    method = ProgNN()
+    model = ProgressiveNet(stream.input_dim, (16, 16), stream.n_out)
+    run, outputs = _fit_recording(model, stream, method)
+    assert model.n_columns == len(stream)
+    assert all(torch.equal(outputs[0], later) for later in outputs[1:])
+    assert run.R[:, 0].min() == run.R[0, 0]
+
+
+def test_packnet_old_outputs_are_bit_identical_and_masks_disjoint(stream):
+    method = PackNet(prune_ratio=0.5, retrain_steps=5)
+    model = models.MLP(stream.input_dim, (16, 16), stream.n_out)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    run, outputs = _fit_recording(model, stream, method)
+    assert all(torch.equal(outputs[0], later) for later in outputs[1:])
+    for name, owner in method.owner.items():
+        owned = [owner == k for k in range(len(stream))]
+        for a in range(len(owned)):
+            for b in range(a + 1, len(owned)):
+                assert not (owned[a] & owned[b]).any()
+        assert torch.all(dict(model.named_parameters())[name][owner == FREE] == 0)
+    # task 0 keeps (1 - p) of every layer, task k about (1 - p)·p^k
+    assert method.owned_fraction(0) == pytest.approx(0.5, abs=0.01)
+    assert method.owned_fraction(1) == pytest.approx(0.25, abs=0.01)
+    assert method.free_fraction() == pytest.approx(0.5 ** len(stream), abs=0.01)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_packnet_task_mask_grows_with_task_id(stream):
+    method = PackNet(prune_ratio=0.5, retrain_steps=2)
+    train.fit(models.MLP(stream.input_dim, (8,), stream.n_out), stream, method, steps=3, progress=False)
+    name = next(iter(method.owner))
+    masks = [method.task_mask(name, k) for k in range(len(stream))]
+    for small, big in pairwise(masks):
+        assert torch.all(big[small])  # task k's sub-network sits inside task k+1's
+        assert big.sum() > small.sum()
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
+def test_prune_ratio_outside_unit_interval_is_rejected(ratio):
+    with pytest.raises(ValueError, match="prune_ratio"):
+        PackNet(prune_ratio=ratio)
+
+
+def test_unseen_task_id_is_rejected(stream):
+    method = PackNet(retrain_steps=1)
+    model = models.MLP(stream.input_dim, (8,), stream.n_out)
+    with pytest.raises(ValueError, match="task_id"):
+        method.task_logits(model, stream.tasks[0].x_test, 0)  # nothing trained yet
+    net = ProgressiveNet(stream.input_dim, (8,), stream.n_out)
+    with pytest.raises(ValueError, match="task_id"):
+        net(stream.tasks[0].x_test, task_id=3)
+
+
+def test_isolation_needs_task_il():
+    class_il = data.split(data.load("digits"), n_tasks=5, scenario="class", n_train=40)
+    with pytest.raises(ValueError, match="scenario"):
+        train.fit(ProgressiveNet(class_il.input_dim, (8,), class_il.n_out), class_il, ProgNN(), steps=1)
+    with pytest.raises(ValueError, match="scenario"):
+        train.fit(models.MLP(class_il.input_dim, (8,), class_il.n_out), class_il, PackNet(), steps=1)
+
+
+@settings(max_examples=15, deadline=None)
+@given(hidden=st.lists(st.integers(1, 6), min_size=1, max_size=3), n_tasks=st.integers(1, 4),
+       lateral=st.booleans())
+def test_parameter_count_formula_matches_the_built_net(hidden, n_tasks, lateral):
+    net = ProgressiveNet(5, hidden, 3, lateral=lateral)
+    for _ in range(n_tasks - 1):
+        net.add_column()
+    assert count_parameters(net, trainable_only=False) == prognn_parameter_count(5, hidden, 3, n_tasks, lateral)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 100))
+def test_adding_a_column_leaves_old_columns_unchanged(seed):
+    torch.manual_seed(seed)
+    net = ProgressiveNet(6, (5, 4), 3)
+    x = torch.randn(7, 6)
+    before = net(x, 0)
+    net.add_column()
+    net.columns[1].head.weight.data.add_(1.0)
+    assert torch.equal(net(x, 0), before)
+    assert not any(p.requires_grad for p in net.columns[0].parameters())
+
+
+def test_prune_ratio_widget_point_and_parameter_growth():
+    result = ch06.prune_ratio_point(0.5, n_tasks=2, steps=5, retrain_steps=2, hidden=(16,))
+    assert result["just_learned"].shape == (2,) and 0 <= result["free_left"] <= 1
+    assert ch06.plot_prune_ratio(result) is not None
+    table = ch06.parameter_growth(n_tasks=4, prune_ratio=0.5)
+    steps = table["independent columns"].diff().dropna()
+    assert steps.nunique() == 1  # independent columns: linear growth
+    assert table["ProgNN"].diff().diff().dropna().gt(0).all()  # laterals: quadratic growth
+    assert table["PackNet"].nunique() == 1
+    with pytest.raises(ValueError, match="prune_ratio"):
+        ch06.prune_ratio_point(1.0)
