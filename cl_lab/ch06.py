@@ -4,6 +4,7 @@ counts against the number of tasks, a few-shot stream for forward transfer, and 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from itertools import pairwise
 
 import matplotlib.pyplot as plt
@@ -94,12 +95,17 @@ def few_shot_later_tasks(stream: Stream, n_train: int, seed: int = 0) -> Stream:
                   stream.input_shape)
 
 
+@lru_cache(maxsize=4)
+def _split_mnist_task_il(n_tasks: int) -> Stream:
+    return data.split_mnist(n_tasks, scenario="task")
+
+
 def prune_ratio_point(prune_ratio: float, n_tasks: int = 5, steps: int = 40, retrain_steps: int = 20,
                       hidden: Sequence[int] = (100, 100), seed: int = 0) -> dict:
     """One PackNet run on split MNIST (Task-IL): accuracy of each task when learned and at the end, and the
     share of weights each task got to train (free when it started)."""
     _validate.in_range("prune_ratio", prune_ratio, 0.0, 1.0, high_open=True)
-    stream = data.split_mnist(n_tasks, scenario="task")
+    stream = _split_mnist_task_il(n_tasks)
     method = PackNet(prune_ratio, retrain_steps=retrain_steps)
     run = train.fit(models.MLP(stream.input_dim, hidden, stream.n_out), stream, method, steps=steps, seed=seed,
                     progress=False)

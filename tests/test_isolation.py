@@ -1,4 +1,3 @@
-
 """Parameter isolation: old tasks' outputs are bit-identical after later tasks; PackNet's masks are disjoint."""
 
 from itertools import pairwise
