@@ -19,7 +19,7 @@ def _flat_grad(model) -> torch.Tensor:
 class GradientInterference(Method):
     """Cosine between the current batch gradient and the gradient of an old task's loss.
 
-    Every ``every`` steps after task ``old_task`` was learned, records (step, train_task, cosine). A
+    Every ``every`` steps of each task after ``old_task``, records (step, task id, cosine). A
     negative cosine means the step that lowers the new loss raises the old one, to first order.
     """
 
@@ -32,9 +32,9 @@ class GradientInterference(Method):
         self.records: list[tuple[int, int, float]] = []
 
     def before_step(self, ctx: Context) -> None:
-        if ctx.task_index <= self.old_task or ctx.task_step % self.every:
+        if ctx.task.id <= self.old_task or ctx.task_step % self.every:
             return
-        old = ctx.stream.tasks[self.old_task]
+        old = ctx.stream.eval_tasks[self.old_task]
         x = old.x_train[: self.n_samples].to(ctx.device)
         y = old.y_train[: self.n_samples].to(ctx.device)
         t = old.t_train[: self.n_samples].to(ctx.device)
@@ -46,23 +46,33 @@ class GradientInterference(Method):
 
 
 class WeightDrift(Method):
-    """‖θ − θ*‖₂, θ* the weights at the end of task ``anchor_task``, recorded every ``every`` steps."""
+    """‖θ − θ*‖₂ every ``every`` steps of each later task, keyed like the curves (steps taken).
+
+    θ* = the weights at the end of task ``anchor_task``, or the weights given to ``around(model)`` when
+    continuing from a checkpoint.
+    """
 
     name = "weight-drift probe"
 
     def __init__(self, anchor_task: int = 0, every: int = 10) -> None:
-        self.anchor_task = _validate.non_negative_int("anchor_task", anchor_task)
+        self.anchor_task: int | None = _validate.non_negative_int("anchor_task", anchor_task)
         self.every = _validate.positive_int("every", every)
         self.anchor: torch.Tensor | None = None
         self.records: list[tuple[int, int, float]] = []
 
-    def on_task_end(self, ctx: Context) -> None:
-        if ctx.task_index == self.anchor_task:
-            self.anchor = flat_params(ctx.model)
-            self.records.append((ctx.step, ctx.task_index, 0.0))
+    @classmethod
+    def around(cls, model, every: int = 10) -> WeightDrift:
+        """Measure drift away from ``model``'s current weights."""
+        probe = cls(every=every)
+        probe.anchor_task, probe.anchor = None, flat_params(model)
+        return probe
 
-    def after_step(self, ctx: Context) -> None:
-        if self.anchor is None or (ctx.step + 1) % self.every:
+    def on_task_end(self, ctx: Context) -> None:
+        if ctx.task.id == self.anchor_task:
+            self.anchor = flat_params(ctx.model)
+
+    def before_step(self, ctx: Context) -> None:
+        if self.anchor is None or ctx.task_step % self.every:
             return
-        drift = (flat_params(ctx.model) - self.anchor).norm().item()
-        self.records.append((ctx.step + 1, ctx.task_index, drift))
+        drift = (flat_params(ctx.model) - self.anchor).norm().item()  # weights after ctx.step steps
+        self.records.append((ctx.step, ctx.task.id, drift))

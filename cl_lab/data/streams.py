@@ -92,6 +92,20 @@ class Stream:
         mask = self.masks.to(logits.device)[t]  # [B, n_out]
         return logits.masked_fill(~mask, MASKED_LOGIT)
 
+    def first(self, n: int) -> Stream:
+        """The stream cut after its first ``n`` tasks."""
+        _validate.positive_int("n", n)
+        if n > len(self.tasks):
+            raise ValueError(f"n must be at most the {len(self.tasks)} tasks of {self.name!r}, got {n}")
+        return Stream(self.name, self.scenario, self.tasks[:n], self.n_out, self.input_shape,
+                      eval_tasks=self.eval_tasks[:n])
+
+    def only(self, task_id: int) -> Stream:
+        """Train on one task only, still evaluating every task up to it (to continue from a checkpoint)."""
+        self.check_task_id(task_id)
+        return Stream(self.name, self.scenario, [self.tasks[task_id]], self.n_out, self.input_shape,
+                      eval_tasks=self.eval_tasks[:task_id + 1])
+
     def check_task_id(self, task_id: int) -> int:
         if not 0 <= task_id < len(self.eval_tasks):
             raise ValueError(f"task_id must be in 0..{len(self.eval_tasks) - 1} for stream "

@@ -1,0 +1,70 @@
+"""Chapter 01's experiment functions and probes, on small settings."""
+
+from unittest import mock
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+
+from cl_lab import ch01, data, models, probes, seed_everything, train, widgets
+
+FAST = {"first_steps": 20, "hidden": (32, 32)}
+
+
+def test_second_task_point_reports_retention_and_drift():
+    point = ch01.second_task_point(1e-3, 10, seed=0, **FAST)
+    assert set(point) >= {"old_before", "old", "new", "drift"}
+    assert point["drift"] > 0 and 0 <= point["old"] <= 1
+
+
+def test_the_first_task_is_trained_once_and_copied():
+    a = ch01.first_task_model(0, (32, 32), first_steps=20)
+    b = ch01.first_task_model(0, (32, 32), first_steps=20)
+    assert a is not b and torch.equal(models.flat_params(a), models.flat_params(b))
+
+
+def test_zero_learning_rate_is_refused():
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        ch01.second_task_point(0.0, 10, **FAST)
+
+
+def test_playground_slider_trains_a_new_point_and_caches_it():
+    import ipywidgets as w
+
+    with mock.patch.object(plt, "show"):
+        playground = widgets.sweep(ch01.second_task_point, ch01.plot_second_task_point, fixed={"seed": 0, **FAST},
+                                   lr=widgets.log_slider("lr", 1e-4, 1e-2, 1e-3),
+                                   steps=w.IntSlider(value=10, min=10, max=50, step=10))
+        first = playground.result
+        playground.children[1].value = 40
+        assert playground.result["steps"] == 40 and playground.result["drift"] > first["drift"]
+        playground.children[1].value = 10
+    assert playground.result is first and playground.cache.hits == 1
+    title = playground.figures[-1].axes[0].get_title()
+    assert "steps=10" in title and "drift" in title
+
+
+def test_gradient_interference_is_negative_when_class_il_pushes_old_logits_down():
+    stream = data.split(data.load("digits", verbose=False), 5, "class").first(2)
+    seed_everything(0)
+    model = models.MLP(64, (32,), 10)
+    probe = probes.GradientInterference(old_task=0, every=1)
+    train.fit(model, stream, probe, steps=30, batch_size=32, device="cpu")
+    cosines = [c for _, task, c in probe.records if task == 1]
+    assert len(cosines) == 30 and sum(cosines[:10]) / 10 < 0
+
+
+def test_weight_drift_starts_at_zero_and_grows():
+    stream = data.split(data.load("digits", verbose=False), 5, "domain").first(2)
+    seed_everything(0)
+    model = models.MLP(64, (32,), 2)
+    probe = probes.WeightDrift(anchor_task=0, every=5)
+    train.fit(model, stream, probe, steps=20, batch_size=32, device="cpu")
+    drifts = [d for _, _, d in probe.records]
+    assert drifts[0] == 0.0 and drifts[-1] > drifts[1] > 0
+
+
+def test_prediction_share_sums_to_one():
+    stream = data.split(data.load("digits", verbose=False), 5, "class")
+    share = ch01.class_il_prediction_share(models.MLP(64, (8,), 10), stream)
+    assert share.shape == (5,) and share.sum() == pytest.approx(1.0)
