@@ -159,6 +159,7 @@ def fit(model: nn.Module, stream: Stream, method: Method | Sequence[Method] | No
     device = pick_device(device, verbose=False)
     gen = seed_everything(seed)
     model.to(device).train()
+    _check_shapes(model, stream, device)
     predictor = next((m for m in methods if m.overrides_predict()), methods[0])
     evaluator = _Evaluator(stream, device, eval_samples, seed, predictor)
 
@@ -197,6 +198,20 @@ def fit(model: nn.Module, stream: Stream, method: Method | Sequence[Method] | No
     return Run(R, b, pd.DataFrame(curves, columns=["step", "train_task", "task", "accuracy"]),
                pd.DataFrame(losses, columns=["step", "train_task", "loss"]), boundaries,
                time.perf_counter() - start, config)
+
+
+@torch.no_grad()
+def _check_shapes(model: nn.Module, stream: Stream, device: torch.device) -> None:
+    """Fail early, naming both sides, when the model does not fit the stream's inputs or outputs."""
+    x = stream.tasks[0].x_train[:1].to(device)  # [1, D]
+    try:
+        out = model(x)
+    except RuntimeError as err:
+        raise ValueError(f"model does not accept the stream's inputs of shape {tuple(x.shape[1:])} "
+                         f"({stream.name}): {err}") from err
+    if out.shape[-1] != stream.n_out:
+        raise ValueError(f"model must output stream.n_out = {stream.n_out} logits for {stream.name} "
+                         f"({stream.scenario}-IL), got {out.shape[-1]}")
 
 
 def _train_step(ctx: Context, methods: list[Method], x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> float:

@@ -98,3 +98,13 @@ def test_frozen_model_is_refused(stream):
 def test_unknown_task_id_is_named(stream):
     with pytest.raises(ValueError, match="task_id must be in 0..4"):
         train.accuracy(_model(stream), stream, 7, stream.tasks[0].x_test, stream.tasks[0].y_test)
+
+
+def test_output_size_mismatch_is_named(stream):
+    with pytest.raises(ValueError, match="model must output stream.n_out = 10 logits"):
+        train.fit(models.MLP(stream.input_dim, (8,), 2), stream, steps=1)
+
+
+def test_input_size_mismatch_is_named(stream):
+    with pytest.raises(ValueError, match="model does not accept the stream's inputs of shape"):
+        train.fit(models.MLP(784, (8,), 10), stream, steps=1)

@@ -1,0 +1,26 @@
+import nbformat
+
+from cl_lab import preflight
+
+
+def _executed(*lines):
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("...")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="\n".join(lines))]
+    nb.cells = [cell]
+    return nb
+
+
+def test_counts_passed_failed_and_skipped_claims():
+    nb = _executed("✓ claim: a [1 ≥ 0]", "✓ claim: b [1 ≥ 0]", "✗ claim: c [0 ≥ 1]",
+                   "↷ claim skipped: d (parameters differ)")
+    assert preflight.count_claims(nb) == (2, 1, 1)
+
+
+def test_table_shows_seconds_claims_and_failures():
+    ok = preflight.ChapterResult("01_forgetting", 61.5, 24, 0, 0)
+    bad = preflight.ChapterResult("02_ewc_fisher", 80.0, 3, 1, 0, error="ClaimFailed: EWC keeps task 1")
+    table = preflight.format_table([ok, bad])
+    assert "01_forgetting" in table and "61.5" in table and "24/24" in table and "ok" in table
+    assert "3/4" in table and "FAILED: ClaimFailed" in table
+    assert ok.ok and not bad.ok
