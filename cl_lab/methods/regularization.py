@@ -120,6 +120,7 @@ class SI(Method):
         self.c = _validate.non_negative("c", c)
         self.xi = _validate.positive("xi", xi)
         self.omega: dict[str, torch.Tensor] | None = None  # running path integral ω of the current task
+        self.last_omega: dict[str, torch.Tensor] | None = None  # ω of the last finished task, for inspection
         self.importance: dict[str, torch.Tensor] | None = None  # Ω, summed over finished tasks
         self.anchor: dict[str, torch.Tensor] | None = None  # θ̃, the weights at the end of the last task
         self._task_start: dict[str, torch.Tensor] = {}
@@ -151,7 +152,7 @@ class SI(Method):
         new = {n: self.omega[n] / ((now[n] - self._task_start[n]).pow(2) + self.xi) for n in now}
         self.importance = new if self.importance is None else {n: self.importance[n] + new[n] for n in new}
         self.anchor = now
-        self.omega = None
+        self.last_omega, self.omega = self.omega, None
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         if self.importance is None:

@@ -1,0 +1,214 @@
+"""Chapter 02 helpers: the two-parameter toy, two-task λ sweeps, and their plots.
+
+Every function here is pure given its arguments (results are memoised in-process by their full
+configuration), so the notebook's widgets can call them and tests can check them headlessly.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cl_lab import _validate, data, models, train
+from cl_lab.data.streams import Stream
+from cl_lab.fisher import ESTIMATES
+from cl_lab.methods.regularization import EWC
+
+SCENARIOS = ("task", "domain", "class")
+
+
+# ---------------------------------------------------------------- the two-parameter toy
+def toy_task(rho: float = 0.9, n: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logistic-regression data with two correlated features (correlation ``rho``): x [n, 2], y [n]."""
+    _validate.in_range("rho", rho, -0.99, 0.99)
+    gen = torch.Generator().manual_seed(seed)
+    cov = torch.tensor([[1.0, rho], [rho, 1.0]])
+    x = torch.randn(n, 2, generator=gen) @ torch.linalg.cholesky(cov).T
+    w_true = torch.tensor([1.5, 0.5])
+    y = (torch.rand(n, generator=gen) < torch.sigmoid(x @ w_true)).long()
+    return x, y
+
+
+def toy_loss(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean logistic loss for weights w [..., 2] (broadcast over a grid) -> [...]."""
+    z = w @ x.T  # [..., n]
+    return F.binary_cross_entropy_with_logits(z, y.float().expand_as(z), reduction="none").mean(-1)
+
+
+def toy_fit(x: torch.Tensor, y: torch.Tensor, steps: int = 500) -> torch.Tensor:
+    """θ* of the toy task by Newton's method (the loss is convex): [2]."""
+    w = torch.zeros(2)
+    for _ in range(steps if steps < 50 else 50):
+        p = torch.sigmoid(x @ w)
+        grad = x.T @ (p - y.float()) / len(y)
+        hess = (x * (p * (1 - p))[:, None]).T @ x / len(y)
+        w = w - torch.linalg.solve(hess, grad)
+    return w
+
+
+def toy_fisher(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Full 2×2 Fisher of the logistic model at w: E_x p(1−p) x xᵀ (equals the Hessian here)."""
+    p = torch.sigmoid(x @ w)
+    return (x * (p * (1 - p))[:, None]).T @ x / len(x)
+
+
+def toy_landscape(rho: float = 0.9, span: float = 3.0, resolution: int = 81, seed: int = 0) -> dict:
+    """True task-1 loss increase, full quadratic and diagonal quadratic on a grid around θ*."""
+    x, y = toy_task(rho, seed=seed)
+    w_star = toy_fit(x, y)
+    fisher = toy_fisher(w_star, x)
+    axis = torch.linspace(-span, span, resolution)
+    d = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1)  # [R, R, 2] offsets from θ*
+    true = toy_loss(w_star + d, x, y) - toy_loss(w_star, x, y)
+    full = 0.5 * torch.einsum("...i,ij,...j->...", d, fisher, d)
+    diag = 0.5 * torch.einsum("...i,ij,...j->...", d, torch.diag(torch.diag(fisher)), d)
+    return {"rho": rho, "w_star": w_star, "fisher": fisher, "offsets": axis, "true": true, "full": full,
+            "diag": diag, "x": x, "y": y}
+
+
+def toy_consolidated_optimum(land: dict, new_centre: torch.Tensor, lam: float, diagonal: bool) -> torch.Tensor:
+    """argmin of a new task's bowl ½‖θ − c‖² plus (λ/2)(θ − θ*)ᵀ P (θ − θ*), P the full or diagonal Fisher."""
+    p = torch.diag(torch.diag(land["fisher"])) if diagonal else land["fisher"]
+    return torch.linalg.solve(torch.eye(2) + lam * p, new_centre + lam * p @ land["w_star"])
+
+
+def plot_toy(land: dict, optima: dict | None = None):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
+    o = land["offsets"].numpy()
+    levels = np.linspace(0, float(land["true"].max()) * 0.6, 12)
+    titles = ("true loss increase of task 1", "½ ΔᵀFΔ (full Fisher)", "½ Σ F_ii Δ_i² (EWC's diagonal)")
+    for ax, key, title in zip(axes, ("true", "full", "diag"), titles, strict=True):
+        ax.contour(o + land["w_star"][0].item(), o + land["w_star"][1].item(), land[key].numpy(), levels=levels)
+        ax.plot(*land["w_star"].numpy(), "k*", ms=10)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("θ₁")
+        for name, (theta, style) in (optima or {}).items():
+            ax.plot(*theta.numpy(), style, ms=8, label=name)
+    axes[0].set_ylabel("θ₂")
+    if optima:
+        axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- two-task λ sweeps on split MNIST
+@lru_cache(maxsize=1)
+def mnist() -> data.Dataset:
+    """The MNIST dataset, loaded once per process (loading takes seconds; every sweep point reuses it)."""
+    return data.load("mnist")
+
+
+def two_task_stream(scenario: str = "domain", split: int = 2) -> Stream:
+    """The first two tasks of split MNIST cut into ``split`` tasks (2: digits 0–4 then 5–9), in ``scenario``."""
+    _validate.one_of("scenario", scenario, SCENARIOS)
+    full = data.split(mnist(), split, scenario)
+    tasks = []
+    for new_id, old in enumerate(full.tasks[:2]):
+        tasks.append(data.Task(new_id, old.name, old.x_train, old.y_train, old.x_test, old.y_test,
+                               old.classes))
+    n_out = full.n_out
+    return Stream(f"split-mnist {tasks[0].name}→{tasks[1].name}", scenario, tasks, n_out, full.input_shape)
+
+
+@lru_cache(maxsize=8)
+def after_first_task(scenario: str, hidden: tuple[int, ...], steps: int, seed: int, split: int = 2):
+    stream = two_task_stream(scenario, split)
+    torch.manual_seed(seed)
+    model = models.MLP(stream.input_dim, hidden, stream.n_out)
+    first = Stream(stream.name, scenario, stream.tasks[:1], stream.n_out, stream.input_shape, eval_tasks=stream.tasks)
+    train.fit(model, first, steps=steps, seed=seed, device="cpu", progress=False)
+    return stream, model
+
+
+@lru_cache(maxsize=32)
+def _consolidated(scenario, hidden, steps, seed, estimate, n_samples, split=2):
+    stream, model = after_first_task(scenario, hidden, steps, seed, split)
+    ewc = EWC(lam=1.0, fisher=estimate, n_samples=n_samples, seed=seed)
+    task = stream.tasks[0]
+    x, y, t = task.x_train[:n_samples], task.y_train[:n_samples], task.t_train[:n_samples]
+    ewc.consolidate(model, x, y, t, forward=lambda xb, tb: stream.mask_logits(model(xb), tb))
+    return ewc
+
+
+class _Frozen(EWC):
+    """An EWC whose Fisher was computed once (the sweep reuses it); it does not re-consolidate."""
+
+    def on_task_end(self, ctx) -> None:
+        pass
+
+
+@lru_cache(maxsize=512)
+def lambda_point(lam: float, estimate: str = "exact", scenario: str = "domain", hidden: tuple[int, ...] = (100, 100),
+                 steps: int = 150, seed: int = 0, n_samples: int = 500, split: int = 2) -> dict:
+    """Train task 1, consolidate with ``estimate``, train task 2 with EWC(λ): old- and new-task accuracy."""
+    _validate.non_negative("lam", lam)
+    _validate.one_of("estimate", estimate, ESTIMATES)
+    stream, model = after_first_task(scenario, tuple(hidden), steps, seed, split)
+    base = _consolidated(scenario, tuple(hidden), steps, seed, estimate, n_samples, split)
+    ewc = _Frozen(lam=lam, fisher=estimate)
+    ewc.fishers, ewc.anchors = base.fishers, base.anchors
+    second = Stream(stream.name, scenario, stream.tasks[1:], stream.n_out, stream.input_shape,
+                    eval_tasks=stream.tasks)
+    run = train.fit(copy.deepcopy(model), second, ewc, steps=steps, seed=seed, device="cpu", progress=False)
+    return {"lam": lam, "estimate": estimate, "scenario": scenario, "old": float(run.R[0, 0]),
+            "new": float(run.R[0, 1])}
+
+
+def lambda_curve(estimate: str = "exact", scenario: str = "domain", lams: tuple[float, ...] = (0.0, 1.0, 1e2, 1e4),
+                 **kwargs) -> list[dict]:
+    return [lambda_point(float(lam), estimate, scenario, **kwargs) for lam in lams]
+
+
+def sweep_point(lam: float, estimate: str = "exact", scenario: str = "domain", curve_lams: tuple = (),
+                **kwargs) -> dict:
+    """The widget's callback: one new λ point plus the (cached) reference curve of the same estimate."""
+    return {"point": lambda_point(float(lam), estimate, scenario, **kwargs),
+            "curve": lambda_curve(estimate, scenario, curve_lams, **kwargs) if curve_lams else []}
+
+
+def plot_sweep(result: dict):
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    curve, point = result["curve"], result["point"]
+    if curve:
+        lams = [max(c["lam"], 1e-3) for c in curve]
+        ax.semilogx(lams, [c["old"] for c in curve], "o-", color="tab:blue", label="old task (1)")
+        ax.semilogx(lams, [c["new"] for c in curve], "s-", color="tab:orange", label="new task (2)")
+    lam = max(point["lam"], 1e-3)
+    ax.semilogx([lam], [point["old"]], "o", color="tab:blue", ms=14, mfc="none")
+    ax.semilogx([lam], [point["new"]], "s", color="tab:orange", ms=14, mfc="none")
+    ax.set_xlabel("λ (0 drawn at 1e-3)")
+    ax.set_ylabel("accuracy after task 2")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{point['estimate']} Fisher, {point['scenario']}-IL: λ={point['lam']:g} → "
+                 f"old {point['old']:.2f}, new {point['new']:.2f}", fontsize=9)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def toy_tradeoff(land: dict, new_centre: torch.Tensor, lams: np.ndarray, diagonal: bool) -> dict:
+    """For each λ: the task-1 loss increase (true loss) and the new task's loss at the penalised optimum."""
+    x, y, base = land["x"], land["y"], toy_loss(land["w_star"], land["x"], land["y"])
+    old, new = [], []
+    for lam in lams:
+        theta = toy_consolidated_optimum(land, new_centre, float(lam), diagonal)
+        old.append((toy_loss(theta, x, y) - base).item())
+        new.append(0.5 * (theta - new_centre).pow(2).sum().item())
+    return {"lams": np.asarray(lams), "old": np.array(old), "new": np.array(new)}
+
+
+def kl_vs_quadratic(land: dict, direction: torch.Tensor, scales: np.ndarray) -> dict:
+    """Mean KL(p_θ* ‖ p_θ*+sδ) over the toy inputs against ½ s² δᵀFδ, for each scale s."""
+    x, w = land["x"], land["w_star"]
+    p = torch.sigmoid(x @ w)
+    kl, quad = [], []
+    for s in scales:
+        q = torch.sigmoid(x @ (w + float(s) * direction))
+        kl.append((p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).mean().item())
+        quad.append(0.5 * float(s) ** 2 * (direction @ land["fisher"] @ direction).item())
+    return {"scales": np.asarray(scales), "kl": np.array(kl), "quadratic": np.array(quad)}
