@@ -155,3 +155,30 @@ def test_der_plus_plus_name_and_validation():
         DER(10, alpha=-1)
     with pytest.raises(ValueError, match="policy"):
         DER(10, policy="herding")
+
+
+def test_chapter04_playground_widget_headless(monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from cl_lab import ch04, widgets
+
+    monkeypatch.setattr(plt, "show", lambda *a, **k: None)
+    import ipywidgets as w
+
+    widget = widgets.sweep(ch04.playground, ch04.plot_playground, fixed={"seed": 0, "steps": 3},
+                           policy=w.Dropdown(options=list(POLICIES), value="herding"),
+                           buffer_size=w.SelectionSlider(options=[10, 50], value=10))
+    widget.children[1].value = 50
+    assert widget.result["buffer_size"] == 50 and sum(widget.result["class_counts"].values()) == 50
+    assert len(widget.figures) >= 1
+    widget.children[1].value = 10  # back to a visited point: served from the cache
+    assert widget.cache.hits >= 1
+
+
+def test_coin_flip_share_is_r_over_one_plus_r():
+    from cl_lab import ch04
+
+    shares = [ch04.coin_flip_replay_share(2000, 0.3, s) for s in range(20)]
+    assert abs(np.mean(shares) - 0.3 / 1.3) < 0.01
+    with pytest.raises(ValueError, match="replay_ratio"):
+        ch04.coin_flip_replay_share(10, 1.5, 0)

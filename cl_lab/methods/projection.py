@@ -9,7 +9,10 @@
   a random batch drawn from all memories: if ⟨g, g_ref⟩ < 0, g̃ = g − (⟨g, g_ref⟩ / ‖g_ref‖²) g_ref.
   Only the average is protected; an individual old task can still see ⟨g̃, g_k⟩ < 0.
 
-Both keep ``memory_per_task`` random training samples of each finished task. With ``audit=True`` they
+Both keep ``memory_per_task`` random training samples of each finished task. GEM's constraints use each
+whole memory (as in the paper) unless ``memory_batch`` asks for a random draw per task and step; A-GEM's
+g_ref uses ``ref_batch`` samples, by default the training batch size (the A-GEM authors' MNIST script uses
+10 and 10). With ``audit=True`` they
 record, at every step on a later task, whether the projection fired and ⟨g̃, g_k⟩ for every old task k
 (A-GEM then pays for the per-task gradients it does not otherwise need).
 """
@@ -42,14 +45,13 @@ def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float = 0.5, eps: floa
     """
     _validate.non_negative("margin", margin)
     _validate.non_negative("eps", eps)
-    G64 = G.detach().double().cpu().numpy()  # [K, P]
-    g64 = g.detach().double().cpu().numpy()  # [P]
-    k = G64.shape[0]
-    P = G64 @ G64.T
-    P = 0.5 * (P + P.T) + eps * np.eye(k)  # [K, K]
-    q = -(G64 @ g64)  # quadprog maximises aᵀv − ½vᵀPv  →  a = −Gg
+    G, g = G.detach(), g.detach()
+    k = G.shape[0]
+    P = (G @ G.T).double().cpu().numpy()  # [K, K]: the dual only needs inner products
+    P = 0.5 * (P + P.T) + eps * np.eye(k)
+    q = -(G @ g).double().cpu().numpy()  # quadprog maximises aᵀv − ½vᵀPv  →  a = −Gg
     v = quadprog.solve_qp(P, q, np.eye(k), np.full(k, float(margin)))[0]  # s.t. v ≥ margin
-    return torch.from_numpy(G64.T @ v + g64).to(g)
+    return g + torch.from_numpy(v).to(G) @ G  # g̃ = Gᵀv + g  [P]
 
 
 def _params(model) -> list[torch.nn.Parameter]:
@@ -98,9 +100,15 @@ class _EpisodicMemory(Method):
         idx = torch.randperm(n, generator=self._gen)[: self.memory_per_task]
         self.memories.append(tuple(v[idx].to(ctx.device) for v in (task.x_train, task.y_train, task.t_train)))
 
-    def task_gradients(self, ctx: Context, params: list) -> torch.Tensor:
-        """Memory gradients of every old task, G [K, P]."""
-        return torch.stack([memory_gradient(ctx, params, *mem) for mem in self.memories])
+    def task_gradients(self, ctx: Context, params: list, per_task: int | None = None) -> torch.Tensor:
+        """Memory gradients of every old task, G [K, P] (on ``per_task`` random memories each, or all)."""
+        grads = []
+        for x, y, t in self.memories:
+            if per_task is not None and per_task < len(y):
+                idx = torch.randperm(len(y), generator=self._gen)[:per_task].to(y.device)
+                x, y, t = x[idx], y[idx], t[idx]
+            grads.append(memory_gradient(ctx, params, x, y, t))
+        return torch.stack(grads)
 
     def _record(self, ctx: Context, fired: bool, G: torch.Tensor, g: torch.Tensor, g_tilde: torch.Tensor) -> None:
         before, after = (G @ g).tolist(), (G @ g_tilde).tolist()
@@ -119,17 +127,18 @@ class GEM(_EpisodicMemory):
     name = "GEM"
 
     def __init__(self, memory_per_task: int = 256, margin: float = 0.5, eps: float = 1e-3, audit: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, memory_batch: int | None = None) -> None:
         super().__init__(memory_per_task, audit, seed)
         self.margin = _validate.non_negative("margin", margin)
         self.eps = _validate.non_negative("eps", eps)
+        self.memory_batch = None if memory_batch is None else _validate.positive_int("memory_batch", memory_batch)
 
     def before_step(self, ctx: Context) -> None:
         if not self.memories:
             return
         params = _params(ctx.model)
         g = flat_grad(params)  # [P]
-        G = self.task_gradients(ctx, params)  # [K, P]
+        G = self.task_gradients(ctx, params, self.memory_batch)  # [K, P]
         fired = bool((G @ g < 0).any())
         g_tilde = gem_project(g, G, self.margin, self.eps) if fired else g
         if fired:
@@ -143,13 +152,19 @@ class AGEM(_EpisodicMemory):
 
     name = "A-GEM"
 
-    def __init__(self, memory_per_task: int = 256, ref_batch: int = 256, audit: bool = False, seed: int = 0) -> None:
+    def __init__(self, memory_per_task: int = 256, ref_batch: int | None = None, audit: bool = False,
+                 seed: int = 0) -> None:
         super().__init__(memory_per_task, audit, seed)
-        self.ref_batch = _validate.positive_int("ref_batch", ref_batch)
+        self.ref_batch = None if ref_batch is None else _validate.positive_int("ref_batch", ref_batch)
 
-    def reference_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, y, t = (torch.cat(parts) for parts in zip(*self.memories, strict=True))
-        idx = torch.randperm(len(y), generator=self._gen)[: self.ref_batch].to(y.device)
+    def on_task_end(self, ctx: Context) -> None:
+        super().on_task_end(ctx)
+        self._union = tuple(torch.cat(parts) for parts in zip(*self.memories, strict=True))  # x, y, t
+
+    def reference_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``n`` samples drawn at random from the union of all memories."""
+        x, y, t = self._union
+        idx = torch.randperm(len(y), generator=self._gen)[:n].to(y.device)
         return x[idx], y[idx], t[idx]
 
     def before_step(self, ctx: Context) -> None:
@@ -157,7 +172,7 @@ class AGEM(_EpisodicMemory):
             return
         params = _params(ctx.model)
         g = flat_grad(params)  # [P]
-        g_ref = memory_gradient(ctx, params, *self.reference_batch())  # [P]
+        g_ref = memory_gradient(ctx, params, *self.reference_batch(self.ref_batch or ctx.batch_size))  # [P]
         fired = bool(torch.dot(g, g_ref) < 0)
         g_tilde = agem_project(g, g_ref)
         if fired:
