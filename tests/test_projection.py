@@ -77,3 +77,26 @@ def test_audit_records_every_old_task(method_cls):
         assert (table.dot_after >= -1e-6 * table.dot_before.abs().max()).all()
     unfired = table[~table.fired]
     assert np.allclose(unfired.dot_before, unfired.dot_after)
+
+
+def test_chapter05_playground_widget_headless(monkeypatch):
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    from cl_lab import ch05, widgets
+
+    monkeypatch.setattr(plt, "show", lambda *a, **k: None)
+    widget = widgets.sweep(ch05.playground, ch05.plot_playground, fixed={"seed": 0, "n_train": 60},
+                           memory_per_task=w.SelectionSlider(options=[4, 16], value=4))
+    widget.children[0].value = 16
+    assert widget.result["memory_per_task"] == 16
+    assert list(widget.result["table"].method) == ["GEM", "A-GEM"] and len(widget.figures) >= 1
+
+
+def test_geometry_plot_returns_both_projections():
+    from cl_lab import ch05
+
+    g = torch.tensor([-1.6, -0.4], dtype=torch.float64)
+    G = torch.tensor([[1.0, 0.3], [-0.3, 1.0]], dtype=torch.float64)
+    _, gem, agem = ch05.plot_geometry(g, G)
+    assert (G @ gem >= -1e-9).all() and float(G[0] @ agem) < 0

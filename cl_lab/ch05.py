@@ -1,0 +1,154 @@
+"""Chapter 05 (GEM and A-GEM): geometry, audit, cost and the permuted-MNIST comparison, as pure functions."""
+
+from __future__ import annotations
+
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from cl_lab import data, models, train
+from cl_lab.methods.base import Context, Method, Naive
+from cl_lab.methods.projection import AGEM, GEM, agem_project, gem_project
+
+
+def permuted_stream(n_tasks: int = 5, n_train: int = 1000, seed: int = 0):
+    """GEM's permuted-MNIST protocol scaled down: ``n_tasks`` tasks of ``n_train`` samples, Domain-IL."""
+    return data.permuted_mnist(n_tasks, n_train=n_train, seed=seed)
+
+
+def fit_protocol(method: Method | None, stream, *, seed: int, hidden=(100, 100), batch_size: int = 10,
+                 lr: float = 0.1) -> train.Run:
+    """One pass over each task (steps = n_train / batch_size), plain SGD, as in GEM's experiments."""
+    torch.manual_seed(seed)
+    model = models.MLP(stream.input_dim, hidden, stream.n_out)
+    steps = len(stream.tasks[0].y_train) // batch_size
+    return train.fit(model, stream, method, steps=steps, batch_size=batch_size, lr=lr, optimizer="sgd",
+                     seed=seed, progress=False)
+
+
+def compare(factories: dict, seeds: tuple[int, ...], *, n_tasks: int = 5, n_train: int = 1000,
+            hidden=(100, 100)) -> pd.DataFrame:
+    """ACC / BWT / FWT and seconds of each named method factory on the scaled GEM protocol."""
+    rows = []
+    for seed in seeds:
+        stream = permuted_stream(n_tasks, n_train, seed)
+        for name, factory in factories.items():
+            run = fit_protocol(factory(seed), stream, seed=seed, hidden=hidden)
+            rows.append({"method": name, "seed": seed, "ACC": run.aa, "BWT": run.bwt, "FWT": run.fwt,
+                         "seconds": run.seconds})
+    return pd.DataFrame(rows)
+
+
+def audit(method_cls, *, seed: int = 0, memory_per_task: int = 256, n_tasks: int = 5, n_train: int = 1000,
+          tolerance: float = 1e-3) -> dict:
+    """Train with ``audit=True``; summarise how often projection fired and how many (step, old task) pairs
+    ended with ⟨g̃, g_k⟩ < −tolerance·max|⟨g, g_k⟩| (sign violations after projection). The default
+    tolerance matches GEM's ridge eps = 1e-3, which lets ⟨g̃, g_k⟩ reach about −eps·v_k."""
+    method = method_cls(memory_per_task=memory_per_task, audit=True, seed=seed)
+    run = fit_protocol(method, permuted_stream(n_tasks, n_train, seed), seed=seed)
+    table = method.audit_table()
+    steps = table.groupby("step").fired.first()
+    scale = table.dot_before.abs().max()
+    violations = table.dot_after < -tolerance * scale
+    return {"method": method.name, "steps audited": len(steps), "projection fired": float(steps.mean()),
+            "(step, old task) pairs": len(table), "violations": int(violations.sum()),
+            "violated before projection": int((table.dot_before < 0).sum()),
+            "worst ⟨g̃, g_k⟩ / max|⟨g, g_k⟩|": float(table.dot_after.min() / scale), "ACC": run.aa, "table": table}
+
+
+def plot_geometry(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0):
+    """2-D picture: g, each g_k, the feasible cone {v : ⟨v, g_k⟩ ≥ 0 ∀k}, and both projections."""
+    gem = gem_project(g, G, margin=margin, eps=0.0)
+    agem = agem_project(g, G.mean(0))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    grid = torch.linspace(-3, 3, 241)
+    xx, yy = torch.meshgrid(grid, grid, indexing="xy")
+    pts = torch.stack([xx.flatten(), yy.flatten()], 1).double()  # [N, 2]
+    feasible = (pts @ G.T >= 0).all(1).reshape(xx.shape)
+    ax.contourf(xx, yy, feasible.double(), levels=[0.5, 1.5], colors=["#cfe8cf"])
+    arrows = [(g, "g (new batch)", "C3"), (gem, "GEM g̃", "C2"), (agem, "A-GEM g̃", "C1"),
+              (G.mean(0), "g_ref (mean)", "C7")] + [(gk, f"g_{k + 1} (old task)", "C0") for k, gk in enumerate(G)]
+    for vec, label, color in arrows:
+        ax.annotate("", vec.tolist(), (0, 0), arrowprops={"arrowstyle": "->", "color": color, "lw": 2})
+        ax.text(*(vec * 1.08).tolist(), label, color=color, fontsize=9)
+    ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal", title="green: every ⟨v, g_k⟩ ≥ 0")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    return fig, gem, agem
+
+
+def _context(model, stream, task_index: int) -> Context:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return Context(model, stream, stream.tasks[task_index], task_index, 0, 0, opt, torch.device("cpu"), 10,
+                   torch.Generator().manual_seed(0))
+
+
+def step_cost(ks: list[int], *, memory_per_task: int = 256, batch_size: int = 10, hidden=(100, 100),
+              repeats: int = 30) -> pd.DataFrame:
+    """Best-of-``repeats`` seconds of one training step (forward, backward, projection, SGD step) with K old tasks in
+    memory, for naive, A-GEM (g_ref on a batch-size draw), GEM on whole memories (the paper) and GEM on a
+    batch-size draw per task. Rows: K, method, seconds, ratio to naive."""
+    stream = permuted_stream(max(ks) + 1, n_train=max(memory_per_task, batch_size))
+    torch.manual_seed(0)
+    model = models.MLP(stream.input_dim, hidden, stream.n_out)
+    setups = []  # (K, method, ctx, batch)
+    for k in ks:
+        task = stream.tasks[k]
+        batch = (task.x_train[:batch_size], task.y_train[:batch_size], task.t_train[:batch_size])
+        sampled_gem = GEM(memory_per_task, memory_batch=batch_size)
+        sampled_gem.name = f"GEM ({batch_size} memories per task per step)"
+        for method in (Naive(), AGEM(memory_per_task), GEM(memory_per_task), sampled_gem):
+            ctx = _context(model, stream, k)
+            for old in stream.tasks[:k]:
+                ctx.task = old
+                method.on_task_end(ctx)
+            ctx.task = task
+            train._train_step(ctx, [method], *batch)  # warm-up
+            setups.append((k, method, ctx, batch))
+    times = [[] for _ in setups]
+    for _ in range(repeats):  # round-robin, so a burst of load elsewhere hits every method alike
+        for i, (_, method, ctx, batch) in enumerate(setups):
+            start = time.perf_counter()
+            train._train_step(ctx, [method], *batch)
+            times[i].append(time.perf_counter() - start)
+    rows = [{"K": k, "method": method.name, "seconds": float(np.min(ts))}
+            for (k, method, _, _), ts in zip(setups, times, strict=True)]
+    table = pd.DataFrame(rows)
+    naive = table[table.method == "naive"].set_index("K").seconds
+    table["ratio to naive"] = table.seconds / table.K.map(naive)
+    return table
+
+
+def plot_step_cost(table: pd.DataFrame):
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for name, part in table.groupby("method"):
+        ax.plot(part.K, part["ratio to naive"], marker="o", label=name)
+    ax.set(xlabel="old tasks in memory K", ylabel="step time / naive step", title="cost of one step")
+    ax.legend()
+    return fig
+
+
+def playground(memory_per_task: int = 64, seed: int = 0, n_tasks: int = 3, n_train: int = 300) -> dict:
+    """GEM and A-GEM with ``memory_per_task`` memories on a small permuted-MNIST stream: ACC and BWT."""
+    stream = permuted_stream(n_tasks, n_train, seed)
+    rows = []
+    for method in (GEM(memory_per_task, seed=seed), AGEM(memory_per_task, seed=seed)):
+        run = fit_protocol(method, stream, seed=seed)
+        rows.append({"method": method.name, "ACC": run.aa, "BWT": run.bwt, "seconds": run.seconds})
+    return {"memory_per_task": memory_per_task, "table": pd.DataFrame(rows)}
+
+
+def plot_playground(result: dict):
+    table = result["table"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    pos = np.arange(len(table))
+    ax.bar(pos - 0.2, table.ACC, 0.4, label="ACC")
+    ax.bar(pos + 0.2, table.BWT, 0.4, label="BWT")
+    ax.set_xticks(pos, table.method)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(ylim=(-0.5, 1), title=f"{result['memory_per_task']} memories per task")
+    ax.legend()
+    return fig
