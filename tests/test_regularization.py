@@ -62,19 +62,33 @@ def test_si_path_integral_equals_loss_decrease_on_quadratic():
     assert si.omega["weight"].sum().item() == pytest.approx(decrease, rel=2e-3)
 
 
-def test_si_step_gradient_excludes_its_own_penalty():
+def test_penalty_gradients_applied_in_before_step_equal_autograd():
     model, x, y = _model_and_data()
-    si = SI(c=5.0)
+    si, ewc, mas = SI(c=5.0), EWC(lam=3.0, fisher="empirical"), MAS(lam=2.0)
     si.begin_task(model)
     si.consolidate(model)
+    ewc.consolidate(model, x, y)
     with torch.no_grad():
         model.head.weight.add_(0.3)
-    model.zero_grad()
-    (nn.functional.cross_entropy(model(x), y) + si.penalty(model)).backward()
-    si.record_gradient(model)
-    model.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
-    assert torch.allclose(si._grads["head.weight"], model.head.weight.grad, atol=1e-6)
+    ewc.consolidate(model, x, y)  # two tasks: the merged update must equal the per-task sum
+    mas.consolidate(model, x)
+    with torch.no_grad():
+        model.head.weight.add_(-0.5)
+        model.features[0].bias.add_(0.2)
+    for method in (si, ewc, mas):
+        model.zero_grad()
+        (nn.functional.cross_entropy(model(x), y) + method.penalty(model)).backward()
+        expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        task_grad = model.head.weight.grad.clone()
+        if isinstance(method, SI):
+            method.record_gradient(model)
+            assert torch.allclose(method._grads[-2], task_grad)  # ω uses the task-loss gradient
+        else:
+            method.before_step(type("Ctx", (), {"model": model})())
+        for n, p in model.named_parameters():
+            assert torch.allclose(p.grad, expected[n], atol=1e-6), (type(method).__name__, n)
 
 
 def test_mas_needs_no_labels_and_matches_a_loop():

@@ -6,6 +6,11 @@ weighted by an importance Ω: penalty = strength · Σ_i Ω_i (θ_i − θ*_i)²
 - EWC: a diagonal Fisher (``cl_lab.fisher``), computed after a task;
 - SI: the path integral of each parameter's contribution to the loss decrease, accumulated during training;
 - MAS: the sensitivity of the squared output norm, computed after a task without labels.
+
+Speed: the penalty's gradient, 2·strength·Ω⊙(θ − θ*), is added to ``p.grad`` in ``before_step`` with fused
+``torch._foreach`` ops instead of building the quadratic in the autograd graph — the same update at a fraction
+of the cost (an EWC step ≈ 1.1× a naive one instead of ≈ 1.5× on the chapter's MLP). The training loss the loop
+records is therefore the task loss alone; ``penalty(model)`` gives the penalty's value.
 """
 
 from __future__ import annotations
@@ -28,6 +33,29 @@ def _quadratic(model: nn.Module, importance: dict[str, torch.Tensor], anchor: di
     """Σ_i Ω_i (θ_i − θ*_i)² over the trainable parameters (a scalar with gradient)."""
     params = fisher_lib.trainable(model)
     return sum(((params[n] - anchor[n]).pow(2) * importance[n]).sum() for n in importance)
+
+
+def _add_quadratic_grad(model: nn.Module, curvature: dict[str, torch.Tensor], offset: dict[str, torch.Tensor],
+                        scale: float) -> None:
+    """p.grad += scale · (curvature ⊙ θ − offset): the gradient of a sum of quadratics, in fused ops."""
+    names = [n for n, p in fisher_lib.trainable(model).items() if n in curvature]
+    params = dict(model.named_parameters())
+    for n in names:
+        if params[n].grad is None:
+            params[n].grad = torch.zeros_like(params[n])
+    with torch.no_grad():
+        pull = torch._foreach_mul([params[n].detach() for n in names], [curvature[n] for n in names])
+        torch._foreach_sub_(pull, [offset[n] for n in names])
+        torch._foreach_add_([params[n].grad for n in names], pull, alpha=scale)
+
+
+def _importance_offset(method) -> dict[str, torch.Tensor]:
+    """Ω ⊙ θ*, recomputed only when the method's importance or anchor object changes."""
+    key = (id(method.importance), id(method.anchor))
+    if getattr(method, "_offset_key", None) != key:
+        method._offset_key = key
+        method._offset_value = {n: method.importance[n] * method.anchor[n] for n in method.importance}
+    return method._offset_value
 
 
 def _task_sample(ctx: Context, n_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,6 +114,16 @@ class EWC(Method):
         self.fishers.append(f_new)
         self.anchors.append(anchor)
 
+    def _merged(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Σ_k F_k(θ − θ*_k) = (Σ_k F_k)θ − Σ_k F_kθ*_k: one fused update per step whatever the number of tasks."""
+        key = (id(self.fishers), len(self.fishers), id(self.anchors))
+        if getattr(self, "_merged_key", None) != key:
+            names = self.fishers[0].keys()
+            curvature = {n: sum(f[n] for f in self.fishers) for n in names}
+            offset = {n: sum(f[n] * a[n] for f, a in zip(self.fishers, self.anchors, strict=True)) for n in names}
+            self._merged_key, self._merged_value = key, (curvature, offset)
+        return self._merged_value
+
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """(λ/2) Σ_k Σ_i F_k,i (θ_i − θ*_k,i)²."""
         if not self.fishers:
@@ -99,8 +137,9 @@ class EWC(Method):
     def on_task_end(self, ctx: Context) -> None:
         self.consolidate(ctx.model, *_task_sample(ctx, self.n_samples), forward=ctx.forward)
 
-    def extra_loss(self, ctx, x, y, t, logits):
-        return self.penalty(ctx.model) if self.fishers and self.lam > 0 else None
+    def before_step(self, ctx: Context) -> None:
+        if self.fishers and self.lam > 0:  # gradient of (λ/2) Σ_k F_k (θ − θ*_k)²
+            _add_quadratic_grad(ctx.model, *self._merged(), self.lam)
 
 
 class SI(Method):
@@ -110,8 +149,8 @@ class SI(Method):
     update the optimizer actually made. At the task's end, with Δ_k the parameter's total change over the
     task: Ω_k += ω_k / (Δ_k² + ξ), then ω is reset and θ̃ ← θ. Penalty: c · Σ_k Ω_k (θ_k − θ̃_k)².
 
-    The task-loss gradient is p.grad minus the SI penalty's own gradient 2cΩ(θ − θ̃), so no extra backward
-    is needed (other methods' extra losses, if combined, stay in g).
+    g is read from p.grad before SI adds its own penalty's gradient 2cΩ(θ − θ̃) (see the module doc), so it
+    is the task loss's gradient with no extra backward (other methods' extra losses, if combined, stay in g).
     """
 
     name = "si"
@@ -124,25 +163,33 @@ class SI(Method):
         self.importance: dict[str, torch.Tensor] | None = None  # Ω, summed over finished tasks
         self.anchor: dict[str, torch.Tensor] | None = None  # θ̃, the weights at the end of the last task
         self._task_start: dict[str, torch.Tensor] = {}
-        self._before: dict[str, torch.Tensor] = {}
-        self._grads: dict[str, torch.Tensor] = {}
+        self._before: list[torch.Tensor] = []
+        self._grads: list[torch.Tensor] = []
 
     def begin_task(self, model: nn.Module) -> None:
         self._task_start = _snapshot(model)
         self.omega = {n: torch.zeros_like(p) for n, p in self._task_start.items()}
 
     def record_gradient(self, model: nn.Module) -> None:
-        """Call after backward, before the optimizer step: keeps g (task-loss gradient) and θ(t)."""
-        for n, p in fisher_lib.trainable(model).items():
-            g = torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-            if self.importance is not None and self.c > 0:
-                g -= 2 * self.c * self.importance[n] * (p.detach() - self.anchor[n])
-            self._grads[n], self._before[n] = g, p.detach().clone()
+        """Call after backward, before the optimizer step: keeps g (task-loss gradient) and θ(t), then adds
+        the penalty's gradient to p.grad."""
+        trainable = list(fisher_lib.trainable(model).values())
+        params = [p.detach() for p in trainable]
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in trainable]
+        if len(self._grads) != len(params):  # buffers reused across steps: no allocation per step
+            self._grads, self._before = [torch.empty_like(p) for p in params], [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(self._grads, grads)
+        torch._foreach_copy_(self._before, params)
+        if self.importance is not None and self.c > 0:
+            _add_quadratic_grad(model, self.importance, _importance_offset(self), 2 * self.c)
 
     def record_step(self, model: nn.Module) -> None:
         """Call after the optimizer step: ω += −g·Δθ."""
-        for n, p in fisher_lib.trainable(model).items():
-            self.omega[n] -= self._grads[n] * (p.detach() - self._before[n])
+        params = [p.detach() for p in fisher_lib.trainable(model).values()]
+        with torch.no_grad():
+            moved = torch._foreach_sub(params, self._before)  # Δθ
+            torch._foreach_mul_(moved, self._grads)
+            torch._foreach_sub_(list(self.omega.values()), moved)
 
     def consolidate(self, model: nn.Module) -> None:
         """End of task: Ω += ω / (Δ² + ξ), θ̃ ← θ."""
@@ -161,9 +208,6 @@ class SI(Method):
 
     def on_task_start(self, ctx: Context) -> None:
         self.begin_task(ctx.model)
-
-    def extra_loss(self, ctx, x, y, t, logits):
-        return self.penalty(ctx.model) if self.importance is not None and self.c > 0 else None
 
     def before_step(self, ctx: Context) -> None:
         self.record_gradient(ctx.model)
@@ -236,5 +280,6 @@ class MAS(Method):
         mask = ctx.stream.masks.to(ctx.device)[t] if ctx.stream.scenario == "task" else None  # [N, C]
         self.consolidate(ctx.model, x, t, output_mask=mask)
 
-    def extra_loss(self, ctx, x, y, t, logits):
-        return self.penalty(ctx.model) if self.importance is not None and self.lam > 0 else None
+    def before_step(self, ctx: Context) -> None:
+        if self.importance is not None and self.lam > 0:  # gradient of λ Σ Ω (θ − θ*)²
+            _add_quadratic_grad(ctx.model, self.importance, _importance_offset(self), 2 * self.lam)

@@ -1,0 +1,193 @@
+"""Chapter 03 helpers: importance during vs after training (SI, EWC's Fisher, MAS), SI under noisy
+gradients, the two-task c sweep, LwF's input dependence, and their plots. Results are memoised in-process
+by their full configuration."""
+
+from __future__ import annotations
+
+import copy
+import time
+from functools import lru_cache
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+
+from cl_lab import _validate, fisher, models, train
+from cl_lab.ch02 import two_task_stream
+from cl_lab.data.streams import Stream, Task
+from cl_lab.methods.base import Context
+from cl_lab.methods.distillation import LwF
+from cl_lab.methods.regularization import SI, output_sensitivity
+
+
+def first_task_only(stream: Stream) -> Stream:
+    return Stream(stream.name, stream.scenario, stream.tasks[:1], stream.n_out, stream.input_shape,
+                  eval_tasks=stream.tasks)
+
+
+def second_task_only(stream: Stream) -> Stream:
+    return Stream(stream.name, stream.scenario, stream.tasks[1:], stream.n_out, stream.input_shape,
+                  eval_tasks=stream.tasks)
+
+
+def _full_loss(model, task: Task, n: int = 1000) -> float:
+    with torch.no_grad():
+        return F.cross_entropy(model(task.x_train[:n]), task.y_train[:n]).item()
+
+
+@lru_cache(maxsize=16)
+def si_first_task(scenario: str = "domain", hidden: tuple[int, ...] = (100, 100), steps: int = 150, seed: int = 0,
+                  batch_size: int = 128, lr: float = 1e-3, optimizer: str = "adam"):
+    """Train task 1 with SI attached: (stream, model, si, seconds, loss before, loss after)."""
+    stream = two_task_stream(scenario)
+    torch.manual_seed(seed)
+    model = models.MLP(stream.input_dim, hidden, stream.n_out)
+    before = _full_loss(model, stream.tasks[0])
+    si = SI(c=0.0)
+    run = train.fit(model, first_task_only(stream), si, steps=steps, batch_size=batch_size, lr=lr,
+                    optimizer=optimizer, seed=seed, device="cpu", progress=False)
+    return stream, model, si, run.seconds, before, _full_loss(model, stream.tasks[0])
+
+
+@lru_cache(maxsize=8)
+def importances(scenario: str = "domain", hidden: tuple[int, ...] = (100, 100), steps: int = 150, seed: int = 0,
+                n_samples: int = 500) -> dict:
+    """SI's Ω (accumulated while training task 1), the exact Fisher and MAS (computed after it), with costs."""
+    stream, model, si, _, _, _ = si_first_task(scenario, hidden, steps, seed)
+    task = stream.tasks[0]
+    x, y = task.x_train[:n_samples], task.y_train[:n_samples]
+    start = time.perf_counter()
+    f = fisher.flatten(fisher.fisher_diagonal(model, x, y, estimate="exact"))
+    fisher_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    mas = fisher.flatten(output_sensitivity(model, x))
+    mas_seconds = time.perf_counter() - start
+    return {"SI": fisher.flatten(si.importance), "Fisher": f, "MAS": mas, "fisher_seconds": fisher_seconds,
+            "mas_seconds": mas_seconds}
+
+
+def plot_importance_scatter(imp: dict, n_points: int = 4000, seed: int = 0):
+    """Log-log scatter of the three importances per parameter (a random subsample of parameters)."""
+    gen = np.random.default_rng(seed)
+    idx = gen.choice(len(imp["SI"]), size=min(n_points, len(imp["SI"])), replace=False)
+    pairs = (("Fisher", "SI"), ("Fisher", "MAS"), ("MAS", "SI"))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, (a, b) in zip(axes, pairs, strict=True):
+        xa, xb = imp[a].numpy()[idx], imp[b].numpy()[idx]
+        keep = (xa > 0) & (xb > 0)
+        ax.loglog(xa[keep], xb[keep], ".", ms=2, alpha=0.4)
+        ax.set(xlabel=a, ylabel=b)
+    fig.tight_layout()
+    return fig
+
+
+@lru_cache(maxsize=16)
+def si_path_test(batch_size: int, lr: float, steps: int = 150, seed: int = 0, hidden: tuple[int, ...] = (100, 100),
+                 optimizer: str = "sgd") -> dict:
+    """Σω against the actual decrease of the task-1 training loss, for one batch size and learning rate."""
+    _, _, si, _, before, after = si_first_task("domain", hidden, steps, seed, batch_size, lr, optimizer)
+    imp = importances("domain", hidden, 150, seed)
+    omega_sum = sum(v.sum().item() for v in si.last_omega.values())
+    return {"batch_size": batch_size, "lr": lr, "sum_omega": omega_sum, "loss_decrease": before - after,
+            "ratio": omega_sum / max(before - after, 1e-12),
+            "spearman_vs_fisher": spearmanr(fisher.flatten(si.importance).numpy(), imp["Fisher"].numpy()).statistic}
+
+
+class _FrozenSI(SI):
+    """An SI whose importance is given (the sweep reuses it); it does not consolidate again."""
+
+    def on_task_end(self, ctx) -> None:
+        pass
+
+
+@lru_cache(maxsize=512)
+def c_point(c: float, scenario: str = "domain", hidden: tuple[int, ...] = (100, 100), steps: int = 150,
+            seed: int = 0) -> dict:
+    """Train task 1 with SI, then task 2 with penalty strength c: old- and new-task accuracy."""
+    _validate.non_negative("c", c)
+    stream, model, si, _, _, _ = si_first_task(scenario, tuple(hidden), steps, seed)
+    frozen = _FrozenSI(c=c, xi=si.xi)
+    frozen.importance, frozen.anchor = si.importance, si.anchor
+    run = train.fit(copy.deepcopy(model), second_task_only(stream), frozen, steps=steps, seed=seed, device="cpu",
+                    progress=False)
+    return {"c": c, "scenario": scenario, "old": float(run.R[0, 0]), "new": float(run.R[0, 1])}
+
+
+def c_sweep_point(c: float, scenario: str = "domain", curve_cs: tuple = (), **kwargs) -> dict:
+    """The widget's callback: one new c point and the (cached) reference curve."""
+    return {"point": c_point(float(c), scenario, **kwargs),
+            "curve": [c_point(float(v), scenario, **kwargs) for v in curve_cs]}
+
+
+def plot_c_sweep(result: dict):
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    curve, point = result["curve"], result["point"]
+    if curve:
+        cs = [max(r["c"], 1e-3) for r in curve]
+        ax.semilogx(cs, [r["old"] for r in curve], "o-", color="tab:blue", label="old task (1)")
+        ax.semilogx(cs, [r["new"] for r in curve], "s-", color="tab:orange", label="new task (2)")
+    c = max(point["c"], 1e-3)
+    ax.semilogx([c], [point["old"]], "o", color="tab:blue", ms=14, mfc="none")
+    ax.semilogx([c], [point["new"]], "s", color="tab:orange", ms=14, mfc="none")
+    ax.set(xlabel="c (0 drawn at 1e-3)", ylabel="accuracy after task 2", ylim=(0, 1.02),
+           title=f"SI, {point['scenario']}-IL: c={point['c']:g} → old {point['old']:.2f}, new {point['new']:.2f}")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def permute_pixels(task: Task, seed: int = 0) -> Task:
+    """The same task with one fixed pixel permutation applied: inputs unlike any digit."""
+    perm = torch.randperm(task.x_train.shape[1], generator=torch.Generator().manual_seed(seed))
+    return Task(task.id, f"{task.name} (permuted)", task.x_train[:, perm], task.y_train, task.x_test[:, perm],
+                task.y_test, task.classes)
+
+
+@lru_cache(maxsize=32)
+def lwf_input_test(permuted_second: bool, alpha: float, hidden: tuple[int, ...] = (100, 100), steps: int = 150,
+                   seed: int = 0, temperature: float = 2.0) -> dict:
+    """Old-task accuracy after task 2 with LwF(alpha) when task 2's inputs are digits or permuted pixels."""
+    stream, model, _, _, _, _ = si_first_task("domain", tuple(hidden), steps, seed)
+    second = permute_pixels(stream.tasks[1], seed) if permuted_second else stream.tasks[1]
+    two = Stream(stream.name, "domain", [stream.tasks[0], second], stream.n_out, stream.input_shape)
+    lwf = LwF(alpha=alpha, temperature=temperature)
+    lwf.on_task_end(Context(model, two, two.tasks[0], 0, 0, 0, None, torch.device("cpu"), 128, None))
+    teacher, student = lwf.old_model, copy.deepcopy(model)  # fit's task end will replace lwf.old_model
+    run = train.fit(student, second_task_only(two), lwf, steps=steps, seed=seed, device="cpu", progress=False)
+    return {"permuted": permuted_second, "alpha": alpha, "old": float(run.R[0, 0]), "new": float(run.R[0, 1]),
+            "drift on task-2 inputs": output_drift(teacher, student, second.x_test),
+            "drift on task-1 inputs": output_drift(teacher, student, stream.tasks[0].x_test)}
+
+
+@torch.no_grad()
+def output_drift(old: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor) -> float:
+    """Mean KL(p_old ‖ p_new) over inputs x [N, D]: how far the function moved where x lives."""
+    log_old, log_new = F.log_softmax(old(x), dim=1), F.log_softmax(new(x), dim=1)
+    return F.kl_div(log_new, log_old, log_target=True, reduction="batchmean").item()
+
+
+def step_costs(steps: int = 60, hidden: tuple[int, ...] = (100, 100), seed: int = 0, repeats: int = 3) -> dict:
+    """Seconds per training step on task 2 for naive and each method with its penalty active (best of repeats)."""
+    from cl_lab.methods.regularization import EWC, MAS
+
+    stream, model, si, _, _, _ = si_first_task("domain", tuple(hidden), 150, seed)
+    task1 = stream.tasks[0]
+    ewc, mas, lwf = EWC(lam=1e3), MAS(lam=1.0), LwF()
+    ewc.consolidate(model, task1.x_train[:500], task1.y_train[:500])
+    mas.consolidate(model, task1.x_train[:500])
+    lwf.on_task_end(Context(model, stream, task1, 0, 0, 0, None, torch.device("cpu"), 128, None))
+    frozen_si = _FrozenSI(c=1.0)
+    frozen_si.importance, frozen_si.anchor = si.importance, si.anchor
+    methods = {"naive": None, "EWC": ewc, "SI": frozen_si, "MAS": mas, "LwF": lwf}
+    for m in (ewc, mas, lwf):
+        m.on_task_end = lambda ctx: None  # time the steps only, not a new consolidation
+    second = second_task_only(stream)
+    best = {name: float("inf") for name in methods}
+    for _ in range(repeats):  # interleaved, so a busy moment hits every method alike
+        for name, method in methods.items():
+            run = train.fit(copy.deepcopy(model), second, method, steps=steps, seed=seed, device="cpu", progress=False)
+            best[name] = min(best[name], run.seconds / steps)
+    return best

@@ -1,0 +1,61 @@
+"""Chapter 02/03 widget callbacks and helpers, headless: set a slider, read the result and the figure."""
+
+from unittest import mock
+
+import ipywidgets as w
+import numpy as np
+import pytest
+import torch
+
+from cl_lab import ch02, ch03, widgets
+from cl_lab.fisher import ESTIMATES
+
+SMALL = dict(hidden=(8,), steps=5, seed=0)
+
+
+def _slider(widget, description):
+    return next(c for c in widget.children if getattr(c, "description", None) == description)
+
+
+def test_lambda_widget_answers_and_caches():
+    with mock.patch("matplotlib.pyplot.show"):
+        fixed = dict(scenario="domain", curve_lams=(0.0,), **SMALL)
+        widget = widgets.sweep(ch02.sweep_point, ch02.plot_sweep, fixed=fixed,
+                               lam=widgets.log_slider("λ", 1e-1, 1e10, 1e4),
+                               estimate=w.Dropdown(options=ESTIMATES, value="exact", description="Fisher"))
+        _slider(widget, "λ").value = 1e6
+        _slider(widget, "Fisher").value = "batch_squared"
+        hits = widget.cache.hits
+        _slider(widget, "λ").value = 1e4
+        _slider(widget, "λ").value = 1e6  # seen before: served from the cache
+    assert widget.cache.hits > hits
+    point = widget.result["point"]
+    assert point["lam"] == pytest.approx(1e6) and point["estimate"] == "batch_squared"
+    assert 0 <= point["old"] <= 1 and 0 <= point["new"] <= 1
+    assert widget.figures and widget.figures[-1].axes
+
+
+def test_c_widget_answers():
+    with mock.patch("matplotlib.pyplot.show"):
+        fixed = dict(scenario="domain", curve_cs=(0.0,), **SMALL)
+        widget = widgets.sweep(ch03.c_sweep_point, ch03.plot_c_sweep, fixed=fixed,
+                               c=widgets.log_slider("c", 1e-2, 1e4, 10.0))
+        _slider(widget, "c").value = 100.0
+    assert widget.result["point"]["c"] == pytest.approx(100.0)
+    assert widget.figures[-1].axes
+
+
+def test_lambda_point_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="lam must be ≥ 0"):
+        ch02.lambda_point(-1.0, **SMALL)
+    with pytest.raises(ValueError, match="estimate must be one of"):
+        ch02.lambda_point(1.0, "true", **SMALL)
+    with pytest.raises(ValueError, match="c must be ≥ 0"):
+        ch03.c_point(-1.0, **SMALL)
+
+
+def test_toy_full_quadratic_matches_loss_near_optimum_and_kl():
+    land = ch02.toy_landscape(rho=0.9, resolution=5)
+    direction = torch.tensor([0.6, 0.8])
+    kl = ch02.kl_vs_quadratic(land, direction, np.array([0.01]))
+    assert kl["kl"][0] == pytest.approx(kl["quadratic"][0], rel=0.02)
