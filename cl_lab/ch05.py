@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import matplotlib.pyplot as plt
@@ -14,8 +15,10 @@ from cl_lab.methods.base import Context, Method, Naive
 from cl_lab.methods.projection import AGEM, GEM, agem_project, gem_project
 
 
+@functools.lru_cache(maxsize=8)
 def permuted_stream(n_tasks: int = 5, n_train: int = 1000, seed: int = 0):
-    """GEM's permuted-MNIST protocol scaled down: ``n_tasks`` tasks of ``n_train`` samples, Domain-IL."""
+    """GEM's permuted-MNIST protocol scaled down: ``n_tasks`` tasks of ``n_train`` samples, Domain-IL
+    (built once per setting; methods only read it)."""
     return data.permuted_mnist(n_tasks, n_train=n_train, seed=seed)
 
 
