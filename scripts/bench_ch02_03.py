@@ -1,0 +1,71 @@
+"""Benchmarks for chapters 02–03: Fisher speed and exactness, method step costs, widget point latency.
+
+Run: python scripts/bench_ch02_03.py [--threads N]. Prints the measured numbers; on a shared machine read
+the ratios (method step ÷ naive step, loop ÷ batched) rather than the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from cl_lab import ch02, ch03, fisher, models, train
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_fisher(hidden: tuple[int, ...], n: int = 1000) -> None:
+    stream = ch02.two_task_stream("domain")
+    torch.manual_seed(0)
+    model = models.MLP(stream.input_dim, hidden, stream.n_out)
+    first = ch03.first_task_only(stream)
+    train.fit(model, first, steps=150, device="cpu", progress=False)
+    task = stream.tasks[0]
+    x, y = task.x_train[:n], task.y_train[:n]
+    for estimate in ("empirical", "exact"):
+        batched = fisher.flatten(fisher.fisher_diagonal(model, x, y, estimate=estimate))
+        t_batched = best_of(lambda est=estimate: fisher.fisher_diagonal(model, x, y, estimate=est))
+        start = time.perf_counter()
+        loop = fisher.flatten(fisher.fisher_diagonal_loop(model, x, y, estimate=estimate))
+        t_loop = time.perf_counter() - start
+        err = ((batched - loop).abs().max() / loop.abs().max()).item()
+        print(f"Fisher {estimate:>9} | MLP {hidden} | {n} samples | batched {t_batched:.4f} s | per-sample loop "
+              f"{t_loop:.2f} s | speed-up {t_loop / t_batched:.0f}× | max rel. error {err:.1e}")
+
+
+def bench_steps(steps: int = 300) -> None:
+    costs = ch03.step_costs(steps=steps, repeats=3)
+    for name, seconds in costs.items():
+        print(f"step {name:>5}: {seconds * 1e3:.2f} ms | ÷ naive {seconds / costs['naive']:.2f}")
+    print("budgets: EWC ≤ 1.3×, SI ≤ 1.5×")
+
+
+def bench_widgets() -> None:
+    ch02.lambda_point(1e4, "exact")  # warm: first task trained, Fisher cached
+    ch03.c_point(10.0)
+    new_lam = best_of(lambda: ch02.lambda_point.__wrapped__(3e4, "exact"), repeats=1)
+    new_c = best_of(lambda: ch03.c_point.__wrapped__(30.0), repeats=1)
+    cached = best_of(lambda: ch02.lambda_point(1e4, "exact"), repeats=1)
+    print(f"widget: new λ point {new_lam:.2f} s | new c point {new_c:.2f} s | cached point {cached * 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    bench_fisher((100, 100))
+    bench_fisher((400, 400))
+    bench_steps()
+    bench_widgets()
