@@ -14,6 +14,7 @@ import torch
 
 from cl_lab import _validate, data, models, train
 from cl_lab.data.streams import Stream, Task
+from cl_lab.device import seed_everything
 from cl_lab.methods.base import Context, Method
 from cl_lab.methods.isolation import PackNet, prognn_parameter_count
 
@@ -107,6 +108,7 @@ def prune_ratio_point(prune_ratio: float, n_tasks: int = 5, steps: int = 40, ret
     _validate.in_range("prune_ratio", prune_ratio, 0.0, 1.0, high_open=True)
     stream = _split_mnist_task_il(n_tasks)
     method = PackNet(prune_ratio, retrain_steps=retrain_steps)
+    seed_everything(seed)  # the model's initial weights depend on the seed only
     run = train.fit(models.MLP(stream.input_dim, hidden, stream.n_out), stream, method, steps=steps, seed=seed,
                     progress=False)
     return {"prune_ratio": prune_ratio, "just_learned": run.R.diagonal().copy(), "final": run.R[-1].copy(),

@@ -11,6 +11,7 @@ from torch import nn
 
 from cl_lab import data, models, train
 from cl_lab.data.streams import Stream
+from cl_lab.device import seed_everything
 from cl_lab.methods.base import Method, Naive
 from cl_lab.methods.head_bias import head_rows, make_remedy, seen_classes
 
@@ -74,6 +75,7 @@ def remedy_point(remedy: str, buffer_size: int, steps: int = 100, hidden: tuple[
     """Train one remedy on split MNIST Class-IL with a reservoir buffer; AA plus the diagnostics."""
     method = make_remedy(remedy, buffer_size, replay_ratio=replay_ratio, seed=seed)
     stream = _class_il_stream(5)
+    seed_everything(seed)  # the model's initial weights depend on the seed only
     model = models.MLP(stream.input_dim, hidden, stream.n_out)
     run = train.fit(model, stream, method, steps=steps, seed=seed, progress=False)
     return {"remedy": remedy, "buffer_size": buffer_size, "AA": run.aa, "R": run.R,
