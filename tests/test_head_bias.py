@@ -126,3 +126,19 @@ def test_diagnostics_and_widget_point():
     assert ch07.plot_remedy_point(result) is not None
     with pytest.raises(ValueError, match="remedy"):
         ch07.remedy_point("unknown", 50)
+
+
+def test_remedy_widget_moves_headlessly(monkeypatch):
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    from cl_lab import widgets
+
+    monkeypatch.setattr(plt, "show", lambda: None)
+    widget = widgets.sweep(ch07.remedy_point, ch07.plot_remedy_point, fixed={"steps": 2, "hidden": (8,)},
+                           remedy=w.Dropdown(options=list(REMEDIES), value="nme"),
+                           buffer_size=w.SelectionSlider(options=[50, 100], value=50))
+    widget.children[0].value = "bic"
+    assert widget.result["remedy"] == "bic" and widget.result["buffer_size"] == 50
+    widget.children[1].value = 100
+    assert widget.result["buffer_size"] == 100 and len(widget.cache) == 3

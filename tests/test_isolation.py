@@ -123,3 +123,20 @@ def test_prune_ratio_widget_point_and_parameter_growth():
     assert table["PackNet"].nunique() == 1
     with pytest.raises(ValueError, match="prune_ratio"):
         ch06.prune_ratio_point(1.0)
+
+
+def test_prune_ratio_widget_moves_headlessly(monkeypatch):
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    from cl_lab import widgets
+
+    monkeypatch.setattr(plt, "show", lambda: None)
+    widget = widgets.sweep(ch06.prune_ratio_point, ch06.plot_prune_ratio,
+                           fixed={"n_tasks": 2, "steps": 2, "retrain_steps": 1, "hidden": (8,)},
+                           prune_ratio=w.FloatSlider(value=0.5, min=0.0, max=0.9, step=0.1))
+    slider = widget.children[0]
+    slider.value = 0.2
+    assert widget.result["prune_ratio"] == pytest.approx(0.2)
+    slider.value = 0.5
+    assert widget.cache.hits == 1 and len(widget.figures) == 3

@@ -90,3 +90,20 @@ def test_widget_point_and_plots():
     runs = {"er": result["run"]}
     assert ch08.plot_switch(runs) is not None
     assert ch08.plot_worst_case({"er": ch08.gap_metrics(result["run"])}) is not None
+
+
+def test_gap_widget_moves_headlessly(monkeypatch):
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    from cl_lab import widgets
+
+    monkeypatch.setattr(plt, "show", lambda: None)
+    widget = widgets.sweep(ch08.gap_point, ch08.plot_gap_point, fixed={"steps": 3, "hidden": (8,)},
+                           eval_every=w.SelectionSlider(options=[1, 5], value=1),
+                           replay_ratio=w.SelectionSlider(options=[0.25, 0.5], value=0.5))
+    truth = widget.result["seen"]["WC-ACC"]
+    widget.children[0].value = 5
+    assert widget.result["eval_every"] == 5 and widget.result["seen"]["WC-ACC"] >= truth
+    assert widget.result["run"] is widget.cache.get(ch08.gap_point, {"steps": 3, "hidden": (8,), "eval_every": 1,
+                                                                      "replay_ratio": 0.5})["run"]
