@@ -36,8 +36,9 @@ class ResultCache:
 
 def log_slider(description: str, low: float, high: float, value: float, steps_per_decade: int = 4):
     """A log-scale slider from ``low`` to ``high`` that only reports when released."""
-    import ipywidgets as w
     import math
+
+    import ipywidgets as w
 
     return w.FloatLogSlider(value=value, base=10, min=math.log10(low), max=math.log10(high),
                             step=1 / steps_per_decade, description=description, continuous_update=False)
