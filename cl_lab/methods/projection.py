@@ -34,7 +34,9 @@ def agem_project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:
     dot = torch.dot(g, g_ref)
     if dot >= 0:
         return g
-    return g - dot / torch.dot(g_ref, g_ref).clamp_min(1e-12) * g_ref
+    # dot < 0 implies g_ref ≠ 0; in float64 the squared norm of float32 values cannot underflow to zero
+    g64, ref64 = g.double(), g_ref.double()
+    return (g64 - torch.dot(g64, ref64) / torch.dot(ref64, ref64) * ref64).to(g.dtype)
 
 
 def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float = 0.5, eps: float = 1e-3) -> torch.Tensor:
