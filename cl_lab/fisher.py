@@ -62,7 +62,7 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-class _Capture:
+class LayerCapture:
     """Forward hooks that keep each supported layer's input and output for one forward pass."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -119,7 +119,7 @@ def per_sample_sum(model: nn.Module, x: torch.Tensor, objectives: Callable[[torc
     """
     forward = forward or model
     sums = _zeros(model)
-    capture = _Capture(model)
+    capture = LayerCapture(model)
     try:
         out = forward(x)
         scores = objectives(out)

@@ -49,7 +49,7 @@ def sweep(fn: Callable[..., Any], plot: Callable[[Any], Any], *, fixed: dict | N
     """Wrap ``fn(**fixed, **setting)`` and ``plot(result)`` in sliders; returns the ``interactive`` widget.
 
     ``controls`` are ipywidgets (or abbreviations ipywidgets understands); the widget's ``result`` is
-    the latest result, ``cache`` its cache, ``figures`` every figure it drew.
+    the latest result, ``cache`` its cache, ``figures`` every figure it drew (all but the latest closed).
     """
     import ipywidgets as w
 
@@ -59,6 +59,8 @@ def sweep(fn: Callable[..., Any], plot: Callable[[Any], Any], *, fixed: dict | N
 
     def show(**setting):
         result = cache.get(fn, {**fixed, **setting})
+        if figures:
+            plt.close(figures[-1])  # pyplot keeps every open figure alive; the widget shows one at a time
         fig = plot(result)
         figures.append(fig)
         plt.show()

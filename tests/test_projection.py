@@ -9,7 +9,8 @@ from hypothesis.extra.numpy import arrays
 from scipy.optimize import minimize
 
 from cl_lab import data, models, train
-from cl_lab.methods.projection import AGEM, GEM, agem_project, gem_project
+from cl_lab.methods.base import Context
+from cl_lab.methods.projection import AGEM, GEM, agem_project, gem_project, grouped_gradients, memory_gradient
 
 finite = st.floats(-10, 10, allow_nan=False, allow_infinity=False, width=32)
 
@@ -100,3 +101,24 @@ def test_geometry_plot_returns_both_projections():
     G = torch.tensor([[1.0, 0.3], [-0.3, 1.0]], dtype=torch.float64)
     _, gem, agem = ch05.plot_geometry(g, G)
     assert (G @ gem >= -1e-9).all() and float(G[0] @ agem) < 0
+
+
+def _groups(stream, per_group):
+    return [(t.x_train[:per_group], t.y_train[:per_group], t.t_train[:per_group]) for t in stream.tasks[:3]]
+
+
+@pytest.mark.parametrize("model", [models.MLP(784, (16, 8), 10), models.SmallCNN(channels=(2, 4))],
+                         ids=["mlp", "cnn"])
+def test_grouped_gradients_equal_one_pass_per_group(model):
+    stream = data.split_mnist(5, "task", n_train=40)  # Task-IL: the masks differ per group
+    ctx = Context(model, stream, stream.tasks[3], 3, 0, 0, torch.optim.SGD(model.parameters(), lr=0.1),
+                  torch.device("cpu"), 10, torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = _groups(stream, 12)
+    grouped = grouped_gradients(ctx, params, groups)  # [K, P]
+    if isinstance(model, models.SmallCNN):
+        assert grouped is None  # conv layers: GEM falls back to one pass per task
+        return
+    looped = torch.stack([memory_gradient(ctx, params, *g) for g in groups])  # [K, P]
+    assert torch.allclose(grouped, looped, rtol=1e-5, atol=1e-7)
+    assert grouped_gradients(ctx, params, groups[:2] + [tuple(v[:5] for v in groups[2])]) is None  # unequal
