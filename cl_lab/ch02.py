@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cl_lab import _validate, data, models, train
+from cl_lab import _validate, data, models, plots, train
 from cl_lab.data.streams import Stream
 from cl_lab.fisher import ESTIMATES
 from cl_lab.methods.regularization import EWC
@@ -172,23 +172,9 @@ def sweep_point(lam: float, estimate: str = "exact", scenario: str = "domain", c
 
 
 def plot_sweep(result: dict):
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    curve, point = result["curve"], result["point"]
-    if curve:
-        lams = [max(c["lam"], 1e-3) for c in curve]
-        ax.semilogx(lams, [c["old"] for c in curve], "o-", color="tab:blue", label="old task (1)")
-        ax.semilogx(lams, [c["new"] for c in curve], "s-", color="tab:orange", label="new task (2)")
-    lam = max(point["lam"], 1e-3)
-    ax.semilogx([lam], [point["old"]], "o", color="tab:blue", ms=14, mfc="none")
-    ax.semilogx([lam], [point["new"]], "s", color="tab:orange", ms=14, mfc="none")
-    ax.set_xlabel("λ (0 drawn at 1e-3)")
-    ax.set_ylabel("accuracy after task 2")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(f"{point['estimate']} Fisher, {point['scenario']}-IL: λ={point['lam']:g} → "
-                 f"old {point['old']:.2f}, new {point['new']:.2f}", fontsize=9)
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    return fig
+    point = result["point"]
+    return plots.strength_sweep(result["curve"], point, "lam", "λ",
+                                f"{point['estimate']} Fisher, {point['scenario']}-IL")
 
 
 def toy_tradeoff(land: dict, new_centre: torch.Tensor, lams: np.ndarray, diagonal: bool) -> dict:

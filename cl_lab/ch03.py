@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from cl_lab import _validate, fisher, models, train
+from cl_lab import _validate, fisher, models, plots, train
 from cl_lab.ch02 import two_task_stream
 from cl_lab.data.streams import Stream, Task
 from cl_lab.methods.base import Context
@@ -122,21 +122,8 @@ def c_sweep_point(c: float, scenario: str = "domain", curve_cs: tuple = (), **kw
 
 
 def plot_c_sweep(result: dict):
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    curve, point = result["curve"], result["point"]
-    if curve:
-        cs = [max(r["c"], 1e-3) for r in curve]
-        ax.semilogx(cs, [r["old"] for r in curve], "o-", color="tab:blue", label="old task (1)")
-        ax.semilogx(cs, [r["new"] for r in curve], "s-", color="tab:orange", label="new task (2)")
-    c = max(point["c"], 1e-3)
-    ax.semilogx([c], [point["old"]], "o", color="tab:blue", ms=14, mfc="none")
-    ax.semilogx([c], [point["new"]], "s", color="tab:orange", ms=14, mfc="none")
-    ax.set(xlabel="c (0 drawn at 1e-3)", ylabel="accuracy after task 2", ylim=(0, 1.02),
-           title=f"SI, {point['scenario']}-IL: c={point['c']:g} → old {point['old']:.2f}, new {point['new']:.2f}")
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    return fig
+    point = result["point"]
+    return plots.strength_sweep(result["curve"], point, "c", "c", f"SI, {point['scenario']}-IL")
 
 
 def permute_pixels(task: Task, seed: int = 0) -> Task:

@@ -101,3 +101,22 @@ def tradeoff(old_acc: Sequence[float], new_acc: Sequence[float], labels: Sequenc
     ax.set_ylabel("old-task accuracy (stability)")
     ax.set_title(title)
     return ax
+
+
+def strength_sweep(curve: Sequence[dict], point: dict, strength: str, symbol: str, title: str):
+    """Old- and new-task accuracy against a penalty strength (log axis, 0 drawn at 1e-3): the reference
+    ``curve`` as lines, the slider's ``point`` as large hollow markers. Rows carry ``strength``, old, new."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    if curve:
+        xs = [max(r[strength], 1e-3) for r in curve]
+        ax.semilogx(xs, [r["old"] for r in curve], "o-", color="tab:blue", label="old task (1)")
+        ax.semilogx(xs, [r["new"] for r in curve], "s-", color="tab:orange", label="new task (2)")
+    x = max(point[strength], 1e-3)
+    ax.semilogx([x], [point["old"]], "o", color="tab:blue", ms=14, mfc="none")
+    ax.semilogx([x], [point["new"]], "s", color="tab:orange", ms=14, mfc="none")
+    ax.set(xlabel=f"{symbol} (0 drawn at 1e-3)", ylabel="accuracy after task 2", ylim=(0, 1.02))
+    ax.set_title(f"{title}: {symbol}={point[strength]:g} → old {point['old']:.2f}, new {point['new']:.2f}",
+                 fontsize=9)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return fig
