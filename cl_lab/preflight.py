@@ -8,8 +8,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +42,21 @@ def count_claims(nb) -> tuple[int, int, int]:
     return text.count(PASS_MARK), text.count(FAIL_MARK), text.count(SKIP_MARK)
 
 
+@contextlib.contextmanager
+def stderr_to(log: Path) -> Iterator[None]:
+    """Send file descriptor 2, which the kernel inherits, to ``log``: its warnings stay out of the table."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(log, "w") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def run_chapter(path: Path, smoke: bool, timeout: int = 1800) -> ChapterResult:
     import papermill as pm
 
@@ -46,11 +64,14 @@ def run_chapter(path: Path, smoke: bool, timeout: int = 1800) -> ChapterResult:
     error = ""
     out_path = Path(path.parent.parent / ".ci-work" / "preflight" / path.name)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    log = out_path.with_suffix(".log")
     try:
-        nb = pm.execute_notebook(str(path), str(out_path), parameters={"SMOKE": smoke}, kernel_name="python3",
-                                 progress_bar=False, execution_timeout=timeout, cwd=str(path.parent))
+        with stderr_to(log):
+            nb = pm.execute_notebook(str(path), str(out_path), parameters={"SMOKE": smoke}, kernel_name="python3",
+                                     progress_bar=False, execution_timeout=timeout, cwd=str(path.parent))
     except Exception as exc:  # a failing claim or cell: report it in the table, keep going
         error = str(exc).strip().splitlines()[-1][:120] if str(exc).strip() else type(exc).__name__
+        error += f" (executed notebook and kernel log: {out_path.parent})"
         import nbformat
 
         nb = nbformat.read(str(out_path), as_version=4) if out_path.exists() else nbformat.v4.new_notebook()

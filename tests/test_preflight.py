@@ -1,3 +1,5 @@
+import os
+
 import nbformat
 
 from cl_lab import preflight
@@ -24,3 +26,12 @@ def test_table_shows_seconds_claims_and_failures():
     assert "01_forgetting" in table and "61.5" in table and "24/24" in table and "ok" in table
     assert "3/4" in table and "FAILED: ClaimFailed" in table
     assert ok.ok and not bad.ok
+
+
+def test_kernel_stderr_goes_to_the_log_and_comes_back(tmp_path, capfd):
+    log = tmp_path / "chapter.log"
+    with preflight.stderr_to(log):
+        os.write(2, b"Kernel is running over TCP without encryption\n")
+    os.write(2, b"after\n")
+    assert "without encryption" in log.read_text()
+    assert capfd.readouterr().err == "after\n"
