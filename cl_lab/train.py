@@ -182,7 +182,8 @@ def fit(model: nn.Module, stream: Stream, method: Method | Sequence[Method] | No
             if eval_every is not None and step % eval_every == 0:
                 curves += [(step, i, j, a) for j, a in enumerate(evaluator.row(model, subsample=True))]
             ctx.step, ctx.task_step = step, task_step
-            loss = _train_step(ctx, methods, x_all[idx.to(device)], y_all[idx.to(device)], t_all[idx.to(device)])
+            idx = idx.to(device)
+            loss = _train_step(ctx, methods, x_all[idx], y_all[idx], t_all[idx])
             losses.append((step, i, loss))
             step += 1
             bar.update(1)

@@ -185,9 +185,10 @@ def permuted(dataset: Dataset | str, n_tasks: int = 5, scenario: str = "domain",
 def rotate_images(x: torch.Tensor, image_shape: tuple[int, int, int], degrees: float) -> torch.Tensor:
     """Rotate flat images x [N, C*H*W] by ``degrees`` counter-clockwise (bilinear, zero fill)."""
     c, h, w = image_shape
-    theta = torch.tensor(degrees) * torch.pi / 180
-    rot = torch.stack([torch.stack([torch.cos(theta), -torch.sin(theta), torch.tensor(0.0)]),
-                       torch.stack([torch.sin(theta), torch.cos(theta), torch.tensor(0.0)])])  # [2, 3]
+    theta = torch.tensor(float(degrees), dtype=x.dtype, device=x.device) * torch.pi / 180
+    zero = torch.zeros_like(theta)
+    rot = torch.stack([torch.stack([torch.cos(theta), -torch.sin(theta), zero]),
+                       torch.stack([torch.sin(theta), torch.cos(theta), zero])])  # [2, 3]
     images = x.reshape(-1, c, h, w)
     grid = F.affine_grid(rot.expand(len(images), 2, 3), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, align_corners=False).reshape(len(x), -1)

@@ -37,8 +37,9 @@ def agem_project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:
     if dot >= 0:
         return g
     # dot < 0 implies g_ref ≠ 0; in float64 the squared norm of float32 values cannot underflow to zero
-    g64, ref64 = g.double(), g_ref.double()
-    return (g64 - torch.dot(g64, ref64) / torch.dot(ref64, ref64) * ref64).to(g.dtype)
+    # (on the CPU: MPS has no float64)
+    g64, ref64 = g.cpu().double(), g_ref.cpu().double()
+    return (g64 - torch.dot(g64, ref64) / torch.dot(ref64, ref64) * ref64).to(g)
 
 
 def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float = 0.5, eps: float = 1e-3) -> torch.Tensor:
@@ -51,9 +52,9 @@ def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float = 0.5, eps: floa
     _validate.non_negative("eps", eps)
     G, g = G.detach(), g.detach()
     k = G.shape[0]
-    P = (G @ G.T).double().cpu().numpy()  # [K, K]: the dual only needs inner products
+    P = (G @ G.T).cpu().double().numpy()  # [K, K]: the dual only needs inner products
     P = 0.5 * (P + P.T) + eps * np.eye(k)
-    q = -(G @ g).double().cpu().numpy()  # quadprog maximises aᵀv − ½vᵀPv  →  a = −Gg
+    q = -(G @ g).cpu().double().numpy()  # quadprog maximises aᵀv − ½vᵀPv  →  a = −Gg
     v = quadprog.solve_qp(P, q, np.eye(k), np.full(k, float(margin)))[0]  # s.t. v ≥ margin
     return g + torch.from_numpy(v).to(G) @ G  # g̃ = Gᵀv + g  [P]
 

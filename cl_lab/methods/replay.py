@@ -61,10 +61,9 @@ def herding_order(features: torch.Tensor, m: int) -> torch.Tensor:
     mu = phi.mean(0)  # [D]
     chosen: list[int] = []
     running = torch.zeros_like(mu)  # sum of chosen features [D]
-    available = torch.ones(len(phi), dtype=torch.bool)
+    available = torch.ones(len(phi), dtype=torch.bool, device=phi.device)
     for k in range(1, m + 1):
-        dist = (mu - (running + phi) / k).norm(dim=1)  # [N]
-        dist[~available] = float("inf")
+        dist = (mu - (running + phi) / k).norm(dim=1).masked_fill(~available, float("inf"))  # [N]
         i = int(dist.argmin())
         chosen.append(i)
         running += phi[i]
