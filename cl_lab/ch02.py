@@ -164,6 +164,21 @@ def lambda_curve(estimate: str = "exact", scenario: str = "domain", lams: tuple[
     return [lambda_point(float(lam), estimate, scenario, **kwargs) for lam in lams]
 
 
+def summed_batch_recipe(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> float:
+    """The cheat-sheet's loop (source 001), restated: for each batch of ``batch_size`` inputs x [N, D], the
+    gradient of the batch's *summed* cross-entropy at the argmax labels, squared and added up; the total
+    over all parameters, divided by N. At batch size 1 it is the predicted-label Fisher; beyond that its
+    expectation per sample is that Fisher plus (B − 1)·‖ḡ‖² (ḡ the mean gradient), so it grows with B."""
+    _validate.positive_int("batch_size", batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = 0.0
+    for start in range(0, len(x), batch_size):
+        logits = model(x[start:start + batch_size])  # [B, C]
+        loss = F.cross_entropy(logits, logits.argmax(1), reduction="sum")
+        total += sum(float((g ** 2).sum()) for g in torch.autograd.grad(loss, params))
+    return total / len(x)
+
+
 def sweep_point(lam: float, estimate: str = "exact", scenario: str = "domain", curve_lams: tuple = (),
                 **kwargs) -> dict:
     """The widget's callback: one new λ point plus the (cached) reference curve of the same estimate."""

@@ -59,3 +59,16 @@ def test_toy_full_quadratic_matches_loss_near_optimum_and_kl():
     direction = torch.tensor([0.6, 0.8])
     kl = ch02.kl_vs_quadratic(land, direction, np.array([0.01]))
     assert kl["kl"][0] == pytest.approx(kl["quadratic"][0], rel=0.02)
+
+
+def test_summed_batch_recipe_is_predicted_fisher_at_batch_one_and_grows_with_b():
+    from cl_lab import fisher, models
+
+    torch.manual_seed(0)
+    model = models.MLP(20, (16,), 5)
+    x = torch.randn(64, 20) + 0.5  # a shared offset: the mean gradient is not zero
+    predicted = fisher.flatten(fisher.fisher_diagonal(model, x, estimate="predicted")).sum().item()
+    assert ch02.summed_batch_recipe(model, x, 1) == pytest.approx(predicted, rel=1e-5)
+    assert ch02.summed_batch_recipe(model, x, 64) > ch02.summed_batch_recipe(model, x, 8) > predicted
+    with pytest.raises(ValueError, match="batch_size"):
+        ch02.summed_batch_recipe(model, x, 0)
