@@ -16,6 +16,8 @@ import torch
 
 from cl_lab import _validate, data, models, probes, train
 from cl_lab.device import seed_everything
+from cl_lab.methods.base import Naive
+from cl_lab.methods.hygiene import L2, GradClip
 
 HIDDEN = (400, 400)
 FIRST_TASK_STEPS = 300
@@ -67,6 +69,24 @@ def second_task_point(lr: float, steps: int, seed: int = 0, hidden: tuple[int, .
 def lr_steps_grid(lrs, steps_list, seed: int = 0, **kwargs) -> pd.DataFrame:
     """``second_task_point`` over a grid of learning rates and step counts, one row per point."""
     return pd.DataFrame([second_task_point(lr, steps, seed, **kwargs) for lr in lrs for steps in steps_list])
+
+
+def hygiene_table(seed: int = 0, steps: int = 300, device: str = "cpu", first_steps: int = FIRST_TASK_STEPS,
+                  hidden: tuple[int, ...] = HIDDEN) -> pd.DataFrame:
+    """Task 2 from the task-1 model (Adam, lr 1e-3) with weight decay, L2 towards θ* and gradient clipping.
+
+    One row per setting: method, strength (λ or max norm), old (task-1 accuracy after) and new (task 2).
+    """
+    settings = [("naive", None, Naive()), ("weight decay", 1e-2, L2(1e-2)), ("weight decay", 1e-1, L2(1e-1)),
+                ("L2 to θ*", 1e-2, L2(1e-2, "anchor")), ("L2 to θ*", 1e-1, L2(1e-1, "anchor")),
+                ("gradient clipping", 0.1, GradClip(0.1))]
+    stream = two_task_stream("domain")
+    rows = []
+    for name, strength, method in settings:
+        model = first_task_model(seed, hidden, "domain", device, first_steps)
+        run = train.fit(model, stream.only(1), method, steps=steps, seed=seed, device=device, progress=False)
+        rows.append({"method": name, "strength": strength, "old": float(run.R[0, 0]), "new": float(run.R[0, 1])})
+    return pd.DataFrame(rows)
 
 
 def interference(seed: int = 0, steps: int = 300, scenario: str = "domain", every: int = 5,
