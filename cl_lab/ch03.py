@@ -146,7 +146,15 @@ def lwf_input_test(permuted_second: bool, alpha: float, hidden: tuple[int, ...] 
     run = train.fit(student, second_task_only(two), lwf, steps=steps, seed=seed, device="cpu", progress=False)
     return {"permuted": permuted_second, "alpha": alpha, "old": float(run.R[0, 0]), "new": float(run.R[0, 1]),
             "drift on task-2 inputs": output_drift(teacher, student, second.x_test),
-            "drift on task-1 inputs": output_drift(teacher, student, stream.tasks[0].x_test)}
+            "drift on task-1 inputs": output_drift(teacher, student, stream.tasks[0].x_test),
+            "teacher confidence on task-2 inputs": mean_top_probability(teacher, second.x_test),
+            "teacher confidence on task-1 inputs": mean_top_probability(teacher, stream.tasks[0].x_test)}
+
+
+@torch.no_grad()
+def mean_top_probability(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Mean over inputs x [N, D] of the model's largest class probability (1/C = uniform, 1 = certain)."""
+    return F.softmax(model(x), dim=1).max(dim=1).values.mean().item()
 
 
 @torch.no_grad()

@@ -72,3 +72,13 @@ def test_summed_batch_recipe_is_predicted_fisher_at_batch_one_and_grows_with_b()
     assert ch02.summed_batch_recipe(model, x, 64) > ch02.summed_batch_recipe(model, x, 8) > predicted
     with pytest.raises(ValueError, match="batch_size"):
         ch02.summed_batch_recipe(model, x, 0)
+
+
+def test_mean_top_probability_is_one_over_c_for_a_constant_model_and_near_one_for_a_sure_one():
+    model = torch.nn.Linear(4, 5)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    assert ch03.mean_top_probability(model, torch.randn(10, 4)) == pytest.approx(0.2)
+    with torch.no_grad():
+        model.bias[2] = 50.0
+    assert ch03.mean_top_probability(model, torch.randn(10, 4)) == pytest.approx(1.0)
