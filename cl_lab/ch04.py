@@ -43,6 +43,19 @@ def buffer_sweep(sizes: list[int], policies: tuple[str, ...] = POLICIES, seeds: 
     return pd.DataFrame(rows)
 
 
+def order_sensitivity(orders: list[tuple[int, ...]], *, buffer_size: int = 200, steps: int = 100,
+                      hidden: tuple[int, ...] = (100,), seed: int = 0) -> pd.DataFrame:
+    """Class-IL final average accuracy of naive training and ER (reservoir) for each task order; one row per
+    (order, method). Same seed, same buffer, same steps: only the order in which the digit pairs arrive moves."""
+    rows = []
+    for order in orders:
+        stream = class_il_stream().reordered(order)
+        for name, method in (("naive", None), ("ER", ER(buffer_size, "reservoir", 0.5, seed=seed))):
+            run = final_accuracy(method, steps=steps, hidden=hidden, seed=seed, stream=stream)
+            rows.append({"order": "→".join(str(i) for i in order), "method": name, "accuracy": run.aa})
+    return pd.DataFrame(rows)
+
+
 def plot_buffer_sweep(table: pd.DataFrame, naive: float | None = None, joint: float | None = None):
     """Mean accuracy (± over seeds) against buffer size, one line per policy, log x axis."""
     fig, ax = plt.subplots(figsize=(6.5, 4))

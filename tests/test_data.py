@@ -130,3 +130,13 @@ def test_joint_holds_all_training_data_and_evaluates_per_task(mnist):
 def test_two_blob_tasks():
     stream = data.two_blob_tasks(n_per_class=20)
     assert len(stream) == 2 and stream.input_shape == (2,) and stream.tasks[0].x_train.shape == (40, 2)
+
+
+def test_reordered_stream_trains_and_evaluates_in_the_new_order(mnist):
+    stream = data.split(mnist, 5, "task")
+    again = stream.reordered((4, 0, 3, 1, 2))
+    assert [t.classes for t in again.tasks] == [stream.tasks[i].classes for i in (4, 0, 3, 1, 2)]
+    assert [t.id for t in again.eval_tasks] == [4, 0, 3, 1, 2]
+    assert torch.equal(again.masks, stream.masks)  # a task keeps its own head mask
+    with pytest.raises(ValueError, match="order must be a permutation of 0..4"):
+        stream.reordered((0, 1, 2, 3, 3))

@@ -13,6 +13,7 @@ output space ``[B]``, and the task id of each sample ``[B]`` (needed for Task-IL
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -105,6 +106,13 @@ class Stream:
         self.check_task_id(task_id)
         return Stream(self.name, self.scenario, [self.tasks[task_id]], self.n_out, self.input_shape,
                       eval_tasks=self.eval_tasks[:task_id + 1])
+
+    def reordered(self, order: Sequence[int]) -> Stream:
+        """The same tasks trained (and evaluated) in ``order``, a permutation of 0..T−1."""
+        if sorted(order) != list(range(len(self.tasks))):
+            raise ValueError(f"order must be a permutation of 0..{len(self.tasks) - 1}, got {list(order)}")
+        return Stream(self.name, self.scenario, [self.tasks[i] for i in order], self.n_out, self.input_shape,
+                      eval_tasks=[self.eval_tasks[i] for i in order])
 
     def check_task_id(self, task_id: int) -> int:
         if not 0 <= task_id < len(self.eval_tasks):
