@@ -94,6 +94,24 @@ def test_chapter05_playground_widget_headless(monkeypatch):
     assert list(widget.result["table"].method) == ["GEM", "A-GEM"] and len(widget.figures) >= 1
 
 
+def test_step_cost_remeasures_while_a_bound_is_missed_and_keeps_the_fastest(capsys):
+    from cl_lab import ch05
+
+    table = ch05.step_cost([1], memory_per_task=10, repeats=2, remeasure_above={"GEM": 0.0}, max_rounds=3)
+    assert capsys.readouterr().out.count("measuring again") == 2  # an unmeetable bound: every round, then give up
+    assert set(table.method) == {"naive", "A-GEM", "GEM", "GEM (10 memories per task per step)"}
+    assert (table[table.method == "naive"]["ratio to naive"] == 1.0).all()
+    ch05.step_cost([1], memory_per_task=10, repeats=2, remeasure_above={"GEM": 1e9})
+    assert "measuring again" not in capsys.readouterr().out
+
+
+def test_step_cost_rejects_an_unknown_bound_name():
+    from cl_lab import ch05
+
+    with pytest.raises(ValueError, match="remeasure_above.*allowed"):
+        ch05.step_cost([1], memory_per_task=10, repeats=1, remeasure_above={"GEMM": 2.0})
+
+
 def test_geometry_plot_returns_both_projections():
     from cl_lab import ch05
 
