@@ -11,10 +11,12 @@ from functools import lru_cache
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 
-from cl_lab import _validate, data, models, plots, train
+from cl_lab import _validate, data, fisher, models, plots, train
 from cl_lab.data.streams import Stream
 from cl_lab.fisher import ESTIMATES
 from cl_lab.methods.regularization import EWC
@@ -123,6 +125,71 @@ def after_first_task(scenario: str, hidden: tuple[int, ...], steps: int, seed: i
     first = Stream(stream.name, scenario, stream.tasks[:1], stream.n_out, stream.input_shape, eval_tasks=stream.tasks)
     train.fit(model, first, steps=steps, seed=seed, device="cpu", progress=False)
     return stream, model
+
+
+def _noisy_first_task(scenario: str, label_noise: float, seed: int) -> tuple[Stream, Stream]:
+    """The two-task stream, and a one-task stream whose training labels are replaced by a uniformly random
+    class of the task with probability ``label_noise`` (test labels stay clean)."""
+    stream = two_task_stream(scenario)
+    task = stream.tasks[0]
+    gen = torch.Generator().manual_seed(seed)
+    y = task.y_train.clone()  # [N]
+    flip = torch.rand(len(y), generator=gen) < label_noise  # [N] bool
+    choices = torch.tensor(task.classes)  # the output units task 1 uses
+    y[flip] = choices[torch.randint(len(choices), (int(flip.sum()),), generator=gen)]
+    noisy = data.Task(task.id, task.name, task.x_train, y, task.x_test, task.y_test, task.classes)
+    return stream, Stream(stream.name, scenario, [noisy], stream.n_out, stream.input_shape, eval_tasks=stream.tasks)
+
+
+def _first_task_model(scenario: str, hidden: tuple[int, ...], steps: int, seed: int, label_noise: float):
+    """(stream, training labels actually used, model) after ``steps`` SGD steps on task 1 (0: untrained)."""
+    stream, first = _noisy_first_task(scenario, label_noise, seed)
+    torch.manual_seed(seed)
+    model = models.MLP(stream.input_dim, hidden, stream.n_out)
+    if steps:
+        train.fit(model, first, steps=steps, seed=seed, device="cpu", progress=False)
+    return stream, first.tasks[0], model
+
+
+def empirical_vs_exact(steps: tuple[int, ...] = (0, 20, 150, 600, 1200), label_noise: float = 0.0,
+                       scenario: str = "domain", hidden: tuple[int, ...] = (100, 100), seed: int = 0,
+                       n_samples: int = 1000) -> pd.DataFrame:
+    """The empirical Fisher (dataset labels) against the exact one (labels weighted by p(c|x)) on task 1 after
+    each number of training steps, computed on ``n_samples`` training samples the model has fitted and on the
+    held-out test set. One row per (steps, samples): mean top probability, Σ empirical / Σ exact, Spearman."""
+    _validate.one_of("scenario", scenario, SCENARIOS)
+    if not 0.0 <= label_noise <= 1.0:
+        raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
+    rows = []
+    for n_steps in steps:
+        _validate.non_negative_int("steps", n_steps)
+        stream, task, model = _first_task_model(scenario, tuple(hidden), n_steps, seed, label_noise)
+
+        def forward(xb, tb, model=model, stream=stream):
+            return stream.mask_logits(model(xb), tb)
+        sets = {"training": (task.x_train[:n_samples], task.y_train[:n_samples], task.t_train[:n_samples]),
+                "held-out": (task.x_test, task.y_test, task.t_test())}
+        for name, (x, y, t) in sets.items():
+            est = {e: fisher.flatten(fisher.fisher_diagonal(model, x, y, t, estimate=e, forward=forward))
+                   for e in ("exact", "empirical")}  # [P] each
+            with torch.no_grad():
+                top = torch.softmax(forward(x, t), 1).max(1).values.mean().item()
+            rows.append({"steps": n_steps, "label noise": label_noise, "samples": name, "mean top probability": top,
+                         "empirical / exact": (est["empirical"].sum() / est["exact"].sum()).item(),
+                         "Spearman": spearmanr(est["empirical"].numpy(), est["exact"].numpy()).statistic})
+    return pd.DataFrame(rows)
+
+
+def plot_empirical_vs_exact(table: pd.DataFrame):
+    """Σ empirical / Σ exact against training steps, one line per sample set, log scale."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for name, part in table.groupby("samples"):
+        ax.plot(part.steps, part["empirical / exact"], marker="o", label=f"{name} samples")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set(xscale="symlog", yscale="log", xlabel="training steps on task 1",
+           ylabel="Σ empirical / Σ exact", title="the empirical Fisher drifts with training")
+    ax.legend()
+    return fig
 
 
 @lru_cache(maxsize=32)

@@ -74,6 +74,16 @@ def test_summed_batch_recipe_is_predicted_fisher_at_batch_one_and_grows_with_b()
         ch02.summed_batch_recipe(model, x, 0)
 
 
+def test_empirical_vs_exact_agree_untrained_and_part_once_the_model_has_fitted_its_samples():
+    table = ch02.empirical_vs_exact((0, 300), hidden=(32,), n_samples=200)
+    ratio = table.pivot(index="steps", columns="samples", values="empirical / exact")
+    assert list(ratio.columns) == ["held-out", "training"]
+    assert 0.8 <= ratio.loc[0, "training"] <= 1.25  # near-uniform p: any label is as likely as a sampled one
+    assert ratio.loc[300, "training"] < 0.5 * ratio.loc[0, "training"]  # fitted samples: ε² against ε
+    with pytest.raises(ValueError, match="label_noise must be in \\[0, 1\\]"):
+        ch02.empirical_vs_exact((0,), label_noise=1.5)
+
+
 def test_mean_top_probability_is_one_over_c_for_a_constant_model_and_near_one_for_a_sure_one():
     model = torch.nn.Linear(4, 5)
     torch.nn.init.zeros_(model.weight)
