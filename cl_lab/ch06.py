@@ -3,7 +3,7 @@ counts against the number of tasks, a few-shot stream for forward transfer, and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from itertools import pairwise
 
@@ -130,3 +130,49 @@ def plot_prune_ratio(result: dict):
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------- without the task id: routing
+
+TaskLogits = Callable[[torch.Tensor, int], torch.Tensor]  # (x [N, D], task id) -> that task's logits [N, n_out]
+
+
+def _per_task_logits(task_logits: TaskLogits, stream: Stream, x: torch.Tensor) -> torch.Tensor:
+    """Every task's network on every input, restricted to that task's own classes: [T, N, classes per task],
+    on the CPU (x may live on the model's device)."""
+    with torch.no_grad():
+        return torch.stack([task_logits(x, task.id)[:, list(task.classes)].cpu() for task in stream.tasks])
+
+
+def route_by_confidence(per_task: torch.Tensor) -> torch.Tensor:
+    """The task whose own head is most sure (highest max-softmax over its classes), from per-task logits
+    [T, N, C]: [N]."""
+    return per_task.softmax(-1).amax(-1).argmax(0)
+
+
+def route_by_class_means(stream: Stream, x: torch.Tensor) -> torch.Tensor:
+    """The task owning the nearest class-mean input (one mean image per class, kept at each task's end): [N]."""
+    means, owners = [], []
+    for task in stream.tasks:
+        for c in task.classes:
+            means.append(task.x_train[task.y_train == c].mean(0))  # [D]
+            owners.append(task.id)
+    return torch.tensor(owners)[torch.cdist(x, torch.stack(means)).argmin(1)]
+
+
+def task_inference(task_logits: TaskLogits, stream: Stream, device: torch.device | str = "cpu") -> pd.DataFrame:
+    """Class-IL evaluation of a Task-IL model on every task's test set: route each input to a task, then take
+    that task's best class. One row per router (the true id, confidence, class means): task-id accuracy and
+    Class-IL accuracy. ``device``: where the model lives."""
+    x = torch.cat([task.x_test for task in stream.tasks])  # [N, D]
+    y = torch.cat([task.y_test for task in stream.tasks])  # [N]
+    true_task = torch.cat([task.t_test() for task in stream.tasks])  # [N]
+    per_task = _per_task_logits(task_logits, stream, x.to(device))  # [T, N, C]
+    classes = torch.tensor([list(task.classes) for task in stream.tasks])  # [T, C]
+    prediction = classes.gather(1, per_task.argmax(-1))  # [T, N]: each task's guess
+    routers = {"true task id (Task-IL)": true_task, "most confident head": route_by_confidence(per_task),
+               "nearest class-mean image": route_by_class_means(stream, x)}
+    rows = [{"router": name, "task id right": (task == true_task).float().mean().item(),
+             "accuracy": (prediction[task, torch.arange(len(x))] == y).float().mean().item()}
+            for name, task in routers.items()]
+    return pd.DataFrame(rows).set_index("router")

@@ -140,3 +140,25 @@ def test_prune_ratio_widget_moves_headlessly(monkeypatch):
     assert widget.result["prune_ratio"] == pytest.approx(0.2)
     slider.value = 0.5
     assert widget.cache.hits == 1 and len(widget.figures) == 3
+
+
+def test_task_inference_with_a_perfect_router_and_a_head_that_knows_its_task(stream):
+    def oracle_logits(x, task_id):  # [N, n_out]: each task's head names the true class of its own inputs
+        logits = torch.zeros(len(x), stream.n_out)
+        for task in stream.tasks:
+            own = (x[:, None, :] == task.x_test[None]).all(-1).any(1)  # [N]: x is one of this task's images
+            labels = [task.y_test[(task.x_test == xi).all(1)][0] for xi in x[own]]
+            if task.id == task_id and labels:
+                logits[own, torch.stack(labels)] = 10.0
+        return logits
+
+    table = ch06.task_inference(oracle_logits, stream)
+    assert table.loc["true task id (Task-IL)", "accuracy"] == 1.0
+    assert table.loc["true task id (Task-IL)", "task id right"] == 1.0
+    assert table.loc["most confident head", "task id right"] == 1.0  # only the right head is sure
+
+
+def test_class_mean_router_returns_the_owner_of_the_nearest_class_mean(stream):
+    means = [(task.id, task.x_train[task.y_train == c].mean(0)) for task in stream.tasks for c in task.classes]
+    routed = ch06.route_by_class_means(stream, torch.stack([m for _, m in means]))
+    assert routed.tolist() == [owner for owner, _ in means]
