@@ -131,3 +131,44 @@ def plot_second_task_point(result: dict):
     ax.set_title(f"lr={result['lr']:.1e}, steps={result['steps']}: drift ‖θ−θ*‖ = {result['drift']:.2f}")
     fig.tight_layout()
     return fig
+
+
+def _with_layers(model: torch.nn.Module, source: dict[str, torch.Tensor], layer: str) -> torch.nn.Module:
+    """A copy of ``model`` whose parameters of ``layer`` (e.g. ``features.0``) are taken from state ``source``."""
+    patched = copy.deepcopy(model)
+    state = patched.state_dict()
+    for name in state:
+        if name.startswith(layer + "."):
+            state[name].copy_(source[name])
+    return patched
+
+
+def layer_report(seed: int = 0, steps: int = 300, lr: float = 1e-3, hidden: tuple[int, ...] = HIDDEN,
+                 scenario: str = "domain", device: str = "cpu", first_steps: int = FIRST_TASK_STEPS) -> pd.DataFrame:
+    """Where does task 1 go? Train the task-1 model on task 2, then per Linear layer: the relative weight change
+    ‖ΔW‖/‖W*‖, the linear CKA between its outputs on task-1 test images before and after, task-1 accuracy with
+    only that layer put back to θ* ("restore"), and with only that layer's change applied to θ* ("change only").
+    ``attrs`` hold task-1 accuracy before and after."""
+    stream = two_task_stream(scenario)
+    before = first_task_model(seed, hidden, scenario, device, first_steps)
+    after = copy.deepcopy(before)
+    train.fit(after, stream.only(1), steps=steps, lr=lr, seed=seed, device=device, progress=False)
+    x, y = stream.tasks[0].x_test.to(device), stream.tasks[0].y_test.to(device)
+
+    def task1(model) -> float:
+        return train.accuracy(model, stream, 0, x, y)
+
+    old_state, new_state = before.state_dict(), after.state_dict()
+    old_out, new_out = probes.layer_outputs(before, x), probes.layer_outputs(after, x)
+    rows = []
+    for layer in old_out:
+        names = [n for n in old_state if n.startswith(layer + ".")]
+        change = sum(((new_state[n] - old_state[n]) ** 2).sum() for n in names) ** 0.5
+        size = sum((old_state[n] ** 2).sum() for n in names) ** 0.5
+        rows.append({"layer": layer, "relative weight change": (change / size).item(),
+                     "CKA before/after": probes.linear_cka(old_out[layer].cpu(), new_out[layer].cpu()),
+                     "task 1, this layer restored": task1(_with_layers(after, old_state, layer)),
+                     "task 1, only this layer changed": task1(_with_layers(before, new_state, layer))})
+    table = pd.DataFrame(rows).set_index("layer")
+    table.attrs = {"task 1 before": task1(before), "task 1 after": task1(after)}
+    return table

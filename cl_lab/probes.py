@@ -76,3 +76,26 @@ class WeightDrift(Method):
             return
         drift = (flat_params(ctx.model) - self.anchor).norm().item()  # weights after ctx.step steps
         self.records.append((ctx.step, ctx.task.id, drift))
+
+
+def linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Linear centred kernel alignment of two representations of the same N inputs, a [N, D1], b [N, D2]
+    (Kornblith et al. 2019, eq. 5): ‖bᵀa‖_F² / (‖aᵀa‖_F ‖bᵀb‖_F) after centring each column. 1 = the same up to
+    rotation and isotropic scale; near 0 = unrelated."""
+    if a.dim() != 2 or b.dim() != 2 or len(a) != len(b):
+        raise ValueError(f"a and b must be [N, D] with the same N, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a - a.mean(0), b - b.mean(0)
+    return ((b.T @ a).norm() ** 2 / ((a.T @ a).norm() * (b.T @ b).norm())).item()
+
+
+def layer_outputs(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each Linear layer of an MLP produces for x [N, D], after its ReLU for hidden layers:
+    {layer name: [N, width]}, the names being those of its parameters (``features.0``, …, ``head``)."""
+    outputs, h = {}, x
+    with torch.no_grad():
+        for index, module in enumerate(model.features):
+            h = module(h)
+            if isinstance(module, torch.nn.ReLU):
+                outputs[f"features.{index - 1}"] = h
+        outputs["head"] = model.head(h)
+    return outputs

@@ -68,3 +68,31 @@ def test_prediction_share_sums_to_one():
     stream = data.split(data.load("digits", verbose=False), 5, "class")
     share = ch01.class_il_prediction_share(models.MLP(64, (8,), 10), stream)
     assert share.shape == (5,) and share.sum() == pytest.approx(1.0)
+
+
+def test_linear_cka_is_one_under_rotation_and_scale_and_small_for_unrelated_inputs():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 20, generator=gen, dtype=torch.float64)
+    rotation, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=torch.float64))
+    assert probes.linear_cka(a, 3.0 * a @ rotation) == pytest.approx(1.0, abs=1e-9)
+    assert probes.linear_cka(a, torch.randn(500, 30, generator=gen, dtype=torch.float64)) < 0.1
+    with pytest.raises(ValueError, match="same N"):
+        probes.linear_cka(a, a[:10])
+
+
+def test_layer_outputs_name_every_linear_layer_of_an_mlp():
+    model, x = models.MLP(6, (5, 4), 3), torch.randn(7, 6)
+    outputs = probes.layer_outputs(model, x)
+    assert {name: tuple(v.shape) for name, v in outputs.items()} == {"features.0": (7, 5), "features.2": (7, 4),
+                                                                    "head": (7, 3)}
+    assert torch.equal(outputs["head"], model(x).detach())
+
+
+def test_layer_report_has_a_row_per_layer_and_patches_exactly_one_layer():
+    report = ch01.layer_report(0, steps=20, **FAST)
+    assert list(report.index) == ["features.0", "features.2", "head"]
+    assert (report["relative weight change"] > 0).all()
+    a, b = models.MLP(6, (5,), 3), models.MLP(6, (5,), 3)
+    patched = ch01._with_layers(a, b.state_dict(), "head")
+    assert torch.equal(patched.head.weight, b.head.weight)
+    assert torch.equal(patched.features[0].weight, a.features[0].weight)
