@@ -156,7 +156,8 @@ def empirical_vs_exact(steps: tuple[int, ...] = (0, 20, 150, 600, 1200), label_n
                        n_samples: int = 1000) -> pd.DataFrame:
     """The empirical Fisher (dataset labels) against the exact one (labels weighted by p(c|x)) on task 1 after
     each number of training steps, computed on ``n_samples`` training samples the model has fitted and on the
-    held-out test set. One row per (steps, samples): mean top probability, Σ empirical / Σ exact, Spearman."""
+    held-out test set. One row per (steps, samples): accuracy (on the labels used), mean top probability,
+    Σ empirical / Σ exact, Spearman."""
     _validate.one_of("scenario", scenario, SCENARIOS)
     if not 0.0 <= label_noise <= 1.0:
         raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
@@ -173,8 +174,10 @@ def empirical_vs_exact(steps: tuple[int, ...] = (0, 20, 150, 600, 1200), label_n
             est = {e: fisher.flatten(fisher.fisher_diagonal(model, x, y, t, estimate=e, forward=forward))
                    for e in ("exact", "empirical")}  # [P] each
             with torch.no_grad():
-                top = torch.softmax(forward(x, t), 1).max(1).values.mean().item()
-            rows.append({"steps": n_steps, "label noise": label_noise, "samples": name, "mean top probability": top,
+                probs = torch.softmax(forward(x, t), 1)  # [N, n_out]
+            rows.append({"steps": n_steps, "label noise": label_noise, "samples": name,
+                         "accuracy": (probs.argmax(1) == y).float().mean().item(),
+                         "mean top probability": probs.max(1).values.mean().item(),
                          "empirical / exact": (est["empirical"].sum() / est["exact"].sum()).item(),
                          "Spearman": spearmanr(est["empirical"].numpy(), est["exact"].numpy()).statistic})
     return pd.DataFrame(rows)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cl_lab import data, models, train
+from cl_lab import _validate, data, models, train
 from cl_lab.methods.base import Context, Method, Naive
 from cl_lab.methods.projection import AGEM, GEM, agem_project, gem_project
 
@@ -100,8 +100,8 @@ def step_cost(ks: list[int], *, memory_per_task: int = 256, batch_size: int = 10
     ``remeasure_above`` ({method name: ratio to naive at the largest K}), a round whose ratios exceed a bound is
     followed by another (at most ``max_rounds`` in all), each step keeping its fastest time over every round;
     a method that is really slower fails its bound on every round."""
-    if repeats <= 0 or max_rounds <= 0:
-        raise ValueError(f"repeats and max_rounds must be positive, got {repeats} and {max_rounds}")
+    _validate.positive_int("repeats", repeats)
+    _validate.positive_int("max_rounds", max_rounds)
     setups = _cost_setups(ks, memory_per_task, batch_size, hidden)
     best = [float("inf")] * len(setups)
     for round_ in range(1, max_rounds + 1):
