@@ -119,18 +119,15 @@ def two_task_stream(scenario: str = "domain", split: int = 2) -> Stream:
 
 @lru_cache(maxsize=8)
 def after_first_task(scenario: str, hidden: tuple[int, ...], steps: int, seed: int, split: int = 2):
-    stream = two_task_stream(scenario, split)
-    torch.manual_seed(seed)
-    model = models.MLP(stream.input_dim, hidden, stream.n_out)
-    first = Stream(stream.name, scenario, stream.tasks[:1], stream.n_out, stream.input_shape, eval_tasks=stream.tasks)
-    train.fit(model, first, steps=steps, seed=seed, device="cpu", progress=False)
+    """(two-task stream, model trained on task 1 with clean labels), trained once per setting."""
+    stream, _, model = _first_task_model(scenario, hidden, steps, seed, 0.0, split)
     return stream, model
 
 
-def _noisy_first_task(scenario: str, label_noise: float, seed: int) -> tuple[Stream, Stream]:
+def _noisy_first_task(scenario: str, label_noise: float, seed: int, split: int = 2) -> tuple[Stream, Stream]:
     """The two-task stream, and a one-task stream whose training labels are replaced by a uniformly random
     class of the task with probability ``label_noise`` (test labels stay clean)."""
-    stream = two_task_stream(scenario)
+    stream = two_task_stream(scenario, split)
     task = stream.tasks[0]
     gen = torch.Generator().manual_seed(seed)
     y = task.y_train.clone()  # [N]
@@ -141,9 +138,11 @@ def _noisy_first_task(scenario: str, label_noise: float, seed: int) -> tuple[Str
     return stream, Stream(stream.name, scenario, [noisy], stream.n_out, stream.input_shape, eval_tasks=stream.tasks)
 
 
-def _first_task_model(scenario: str, hidden: tuple[int, ...], steps: int, seed: int, label_noise: float):
-    """(stream, training labels actually used, model) after ``steps`` SGD steps on task 1 (0: untrained)."""
-    stream, first = _noisy_first_task(scenario, label_noise, seed)
+def _first_task_model(scenario: str, hidden: tuple[int, ...], steps: int, seed: int, label_noise: float,
+                      split: int = 2):
+    """(stream, task 1 with the training labels actually used, model) after ``steps`` SGD steps on task 1
+    (0: untrained)."""
+    stream, first = _noisy_first_task(scenario, label_noise, seed, split)
     torch.manual_seed(seed)
     model = models.MLP(stream.input_dim, hidden, stream.n_out)
     if steps:
