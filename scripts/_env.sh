@@ -4,7 +4,15 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CL_LAB_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
+NEED_GB=8  # the pinned torch wheel brings its CUDA libraries: about 6 GB installed, plus pip's unpacking
 if [ ! -x "$VENV/bin/python" ]; then
+  mkdir -p "$(dirname "$VENV")"
+  FREE_GB=$(( $(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print $4}') / 1048576 ))
+  if [ "$FREE_GB" -lt "$NEED_GB" ]; then
+    echo "cl-lab: only $FREE_GB GB free under $(dirname "$VENV"); the environment needs about $NEED_GB GB." >&2
+    echo "cl-lab: free some space, or set CL_LAB_VENV to a folder on a larger disk." >&2
+    exit 1
+  fi
   echo "cl-lab: creating the virtual environment $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
