@@ -1,6 +1,6 @@
 """Chapter 03 helpers: importance during vs after training (SI, EWC's Fisher, MAS), SI under noisy
-gradients, the two-task c sweep, LwF's input dependence, and their plots. Results are memoised in-process
-by their full configuration."""
+gradients, the two-task c sweep, LwF's input dependence, SI and online EWC without task boundaries, and their
+plots. Results are memoised in-process by their full configuration."""
 
 from __future__ import annotations
 
@@ -10,16 +10,18 @@ from functools import lru_cache
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from cl_lab import _validate, fisher, models, plots, train
-from cl_lab.ch02 import two_task_stream
+from cl_lab import _validate, data, fisher, models, plots, train
+from cl_lab.ch02 import mnist, two_task_stream
 from cl_lab.data.streams import Stream, Task
 from cl_lab.methods.base import Context
 from cl_lab.methods.distillation import LwF
-from cl_lab.methods.regularization import SI, output_sensitivity
+from cl_lab.methods.regularization import EWC, MAS, SI, output_sensitivity
+from cl_lab.methods.taskfree import ConsolidateEvery
 
 
 def first_task_only(stream: Stream) -> Stream:
@@ -166,8 +168,6 @@ def output_drift(old: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor) ->
 
 def step_costs(steps: int = 60, hidden: tuple[int, ...] = (100, 100), seed: int = 0, repeats: int = 3) -> dict:
     """Seconds per training step on task 2 for naive and each method with its penalty active (best of repeats)."""
-    from cl_lab.methods.regularization import EWC, MAS
-
     stream, model, si, _, _, _ = si_first_task("domain", tuple(hidden), 150, seed)
     task1 = stream.tasks[0]
     ewc, mas, lwf = EWC(lam=1e3), MAS(lam=1.0), LwF()
@@ -186,3 +186,49 @@ def step_costs(steps: int = 60, hidden: tuple[int, ...] = (100, 100), seed: int 
             run = train.fit(copy.deepcopy(model), second, method, steps=steps, seed=seed, device="cpu", progress=False)
             best[name] = min(best[name], run.seconds / steps)
     return best
+
+
+TASK_FREE_METHODS = ("naive", "SI", "EWC online")
+
+
+@lru_cache(maxsize=64)
+def task_free_run(method: str, every: int | None, strength: float = 1.0, scenario: str = "domain",
+                  hidden: tuple[int, ...] = (100, 100), steps: int = 100, seed: int = 0) -> dict:
+    """Five-task split MNIST with ``method`` consolidating at the true task ends (``every=None``) or, told no
+    boundaries, every ``every`` steps (``ConsolidateEvery``). ``strength`` is SI's c or EWC's λ."""
+    _validate.one_of("method", method, TASK_FREE_METHODS)
+    _validate.non_negative("strength", strength)
+    if every is not None:
+        _validate.positive_int("every", every)
+    stream = data.split(mnist(), 5, scenario)
+    inner = {"naive": None, "SI": SI(c=strength), "EWC online": EWC(lam=strength, mode="online", seed=seed)}[method]
+    wrapped = inner if inner is None or every is None else ConsolidateEvery(inner, every)
+    torch.manual_seed(seed)
+    run = train.fit(models.MLP(stream.input_dim, hidden, stream.n_out), stream, wrapped, steps=steps, seed=seed,
+                    device="cpu", progress=False)
+    row = {"method": method, "consolidate": "at task ends" if every is None else f"every {every}",
+           "every": every, "strength": strength, "AA": run.aa, "task 1 at the end": float(run.R[-1, 0]),
+           "each task just learnt": float(run.R.diagonal().mean())}
+    if isinstance(wrapped, ConsolidateEvery):
+        row["ms per consolidation"] = 1e3 * wrapped.consolidation_seconds / max(wrapped.consolidations, 1)
+    if method == "SI":
+        row["Σ importance"] = sum(v.sum().item() for v in inner.importance.values())  # ΣΩ
+    if method == "EWC online":
+        row["Σ importance"] = sum(v.sum().item() for v in inner.fishers[0].values())  # ΣF̃, the running Fisher
+    return row
+
+
+def plot_task_free(table: pd.DataFrame, steps: int):
+    """SI's AA against its consolidation interval, beside SI at the true task ends and naive."""
+    si = table[(table.method == "SI") & table.every.notna() & (table.strength == 1.0)].sort_values("every")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(si.every, si.AA, "o-", label="SI (c = 1), told no boundaries")
+    at_ends = table[table.every.isna()].set_index("method").AA
+    ax.axhline(at_ends["SI"], ls="--", color="C0", label="SI at the true task ends")
+    ax.axhline(at_ends["naive"], ls=":", color="k", label="naive")
+    ax.axvline(steps, color="0.7", lw=1)
+    ax.set(xscale="log", xlabel="consolidate every … steps (grey: the true task length)", ylabel="AA after 5 tasks",
+           title="SI without task boundaries")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
