@@ -1,5 +1,6 @@
 """Chapter 06 helpers (parameter isolation): an output recorder for the bit-exactness proof, parameter
-counts against the number of tasks, a few-shot stream for forward transfer, and the prune-ratio widget."""
+counts against the number of tasks, a few-shot stream for forward transfer, the prune-ratio widget, routing
+without the task id, and the three method families on one stream."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ import pandas as pd
 import torch
 
 from cl_lab import _validate, data, models, train
+from cl_lab.ch02 import mnist
 from cl_lab.data.streams import Stream, Task
 from cl_lab.device import seed_everything
 from cl_lab.methods.base import Context, Method
-from cl_lab.methods.isolation import PackNet, prognn_parameter_count
+from cl_lab.methods.isolation import PackNet, ProgNN, ProgressiveNet, prognn_parameter_count
+from cl_lab.methods.projection import AGEM
+from cl_lab.methods.regularization import EWC, SI
+from cl_lab.methods.replay import ER
 
 
 class OutputRecorder(Method):
@@ -176,3 +181,73 @@ def task_inference(task_logits: TaskLogits, stream: Stream, device: torch.device
              "accuracy": (prediction[task, torch.arange(len(x))] == y).float().mean().item()}
             for name, task in routers.items()]
     return pd.DataFrame(rows).set_index("router")
+
+
+# ---------------------------------------------------------------- three families on one stream
+
+FAMILY_SETTINGS = {  # method -> (family, its label with the setting)
+    "naive": ("none", "naive"), "EWC": ("regularisation", "EWC λ={:g}"), "SI": ("regularisation", "SI c={:g}"),
+    "ER": ("replay", "ER {:g} samples"), "A-GEM": ("replay", "A-GEM {:g}/task"),
+    "ProgNN": ("isolation", "ProgNN"), "PackNet": ("isolation", "PackNet p={:g}"),
+}
+
+
+def _family_method(name: str, setting: float | None, seed: int) -> Method | None:
+    makers = {"naive": lambda: None, "EWC": lambda: EWC(lam=setting, seed=seed), "SI": lambda: SI(c=setting),
+              "ER": lambda: ER(int(setting), seed=seed), "A-GEM": lambda: AGEM(int(setting), seed=seed),
+              "ProgNN": ProgNN, "PackNet": lambda: PackNet(setting, retrain_steps=50)}
+    return makers[name]()
+
+
+def _stored_numbers(method: Method | None, model: torch.nn.Module, plain_params: int) -> int:
+    """Numbers a method keeps besides one plain network, after the last task (data, anchors, masks, columns)."""
+    if isinstance(method, EWC):
+        return method.stored_floats()  # a Fisher and an anchor per task
+    if isinstance(method, SI):
+        return sum(v.numel() for v in (*method.importance.values(), *method.anchor.values()))  # Ω and θ̃
+    if isinstance(method, ER):
+        return method.buffer.x.numel() + method.buffer.y.numel()
+    if isinstance(method, AGEM):
+        return sum(x.numel() + y.numel() for x, y, _ in method.memories)
+    if isinstance(method, PackNet):
+        return sum(owner.numel() for owner in method.owner.values())  # one small owner id per hidden weight
+    return sum(p.numel() for p in model.parameters()) - plain_params  # ProgNN's extra columns and laterals
+
+
+@lru_cache(maxsize=64)
+def family_point(name: str, setting: float | None = None, steps: int = 100, hidden: tuple[int, ...] = (100, 100),
+                 seed: int = 0, device: str = "cpu") -> dict:
+    """One method on five-task permuted MNIST in Task-IL: AA, BWT, plasticity (mean accuracy on each task
+    right after learning it), the numbers it stores besides the network, and whether it keeps raw data."""
+    _validate.one_of("name", name, FAMILY_SETTINGS)
+    stream = data.permuted(mnist(), 5, "task")
+    plain = models.MLP(stream.input_dim, hidden, stream.n_out)
+    seed_everything(seed)
+    model = (ProgressiveNet(stream.input_dim, hidden, stream.n_out) if name == "ProgNN"
+             else models.MLP(stream.input_dim, hidden, stream.n_out))
+    method = _family_method(name, setting, seed)
+    run = train.fit(model, stream, method, steps=steps, seed=seed, device=device, progress=False)
+    plain_params = sum(p.numel() for p in plain.parameters())
+    family, label = FAMILY_SETTINGS[name]
+    return {"family": family, "method": label.format(setting), "AA": run.aa,
+            "BWT": run.bwt, "plasticity": float(run.R.diagonal().mean()),
+            "stored / network": _stored_numbers(method, model, plain_params) / plain_params,
+            "keeps raw data": family == "replay"}
+
+
+def plot_three_families(table: pd.DataFrame):
+    """Stability (BWT) against plasticity, one colour per family; settings of one method joined by a line."""
+    colours = {"none": "k", "regularisation": "C0", "replay": "C1", "isolation": "C2"}
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for _, group in table.groupby(table.method.str.split().str[0], sort=False):
+        colour = colours[group.family.iloc[0]]
+        ax.plot(group.plasticity, group.BWT, "o-", color=colour, ms=5)
+        for _, row in group.iterrows():
+            ax.annotate(row.method, (row.plasticity, row.BWT), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for family, colour in colours.items():
+        ax.plot([], [], "o", color=colour, label=family)
+    ax.set(xlabel="plasticity: mean accuracy on each task just after learning it", ylabel="BWT (0 = no forgetting)",
+           title="Three families, permuted MNIST (Task-IL)")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return fig

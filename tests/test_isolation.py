@@ -3,6 +3,7 @@
 from itertools import pairwise
 
 import matplotlib
+import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings
@@ -162,3 +163,24 @@ def test_class_mean_router_returns_the_owner_of_the_nearest_class_mean(stream):
     means = [(task.id, task.x_train[task.y_train == c].mean(0)) for task in stream.tasks for c in task.classes]
     routed = ch06.route_by_class_means(stream, torch.stack([m for _, m in means]))
     assert routed.tolist() == [owner for owner, _ in means]
+
+
+@pytest.mark.parametrize("name, setting, stored_per_param", [
+    ("naive", None, 0), ("EWC", 1.0, 10 * 6730), ("SI", 1.0, 2 * 6730), ("ER", 50, 50 * 785),
+    ("A-GEM", 10, 5 * 10 * 785), ("PackNet", 0.5, 784 * 8)])
+def test_family_point_counts_what_each_method_stores(name, setting, stored_per_param):
+    point = ch06.family_point(name, setting, steps=2, hidden=(8,))  # 784·8 + 8 + 8·50 + 50 = 6,730 (five 10-way heads)
+    assert point["stored / network"] == pytest.approx(stored_per_param / 6730)
+    assert point["keeps raw data"] == (name in ("ER", "A-GEM"))
+
+
+def test_family_point_prognn_stores_its_extra_columns_and_plot_draws():
+    point = ch06.family_point("ProgNN", steps=2, hidden=(8,))
+    assert point["stored / network"] > 4 and point["BWT"] == 0.0
+    fig = ch06.plot_three_families(pd.DataFrame([point, ch06.family_point("naive", steps=2, hidden=(8,))]))
+    assert len(fig.axes[0].lines) >= 2
+
+
+def test_family_point_names_the_allowed_methods():
+    with pytest.raises(ValueError, match="PackNet"):
+        ch06.family_point("LwF")
