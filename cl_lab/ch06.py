@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from itertools import pairwise
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -19,6 +18,7 @@ from cl_lab.data.streams import Stream, Task
 from cl_lab.device import seed_everything
 from cl_lab.methods.base import Context, Method
 from cl_lab.methods.isolation import PackNet, ProgNN, ProgressiveNet, prognn_parameter_count
+from cl_lab.methods.lora import lora_parameter_count
 from cl_lab.methods.projection import AGEM
 from cl_lab.methods.regularization import EWC, SI
 from cl_lab.methods.replay import ER
@@ -46,12 +46,6 @@ class OutputRecorder(Method):
         ctx.model.train(was_training)
 
 
-def lora_parameter_count(layer_dims: Sequence[int], rank: int, n_tasks: int) -> int:
-    """Parameters added by one rank-``rank`` adapter ΔW = BA per layer per task: r·(d_in + d_out) each."""
-    _validate.positive_int("rank", rank)
-    return n_tasks * sum(rank * (a + b) for a, b in pairwise(layer_dims))
-
-
 def parameter_growth(n_tasks: int = 10, in_dim: int = 784, hidden: Sequence[int] = (100, 100), n_out: int = 10,
                      prune_ratio: float = 0.5, rank: int = 4) -> pd.DataFrame:
     """Parameters held after each number of tasks: ProgNN with and without laterals, PackNet (fixed, with
@@ -67,7 +61,7 @@ def parameter_growth(n_tasks: int = 10, in_dim: int = 784, hidden: Sequence[int]
                      "independent columns": prognn_parameter_count(in_dim, hidden, n_out, k, lateral=False),
                      "PackNet": mlp,
                      "PackNet free share": prune_ratio ** k,
-                     f"MLP + LoRA r={rank}": mlp + lora_parameter_count(dims, rank, k)})
+                     f"MLP + LoRA r={rank}": mlp + k * lora_parameter_count(dims, rank)})
     return pd.DataFrame(rows)
 
 
