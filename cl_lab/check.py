@@ -2,8 +2,9 @@
 
 A passing check prints one green line for the reader; a failing one raises ``ClaimFailed`` with the
 claim, the measured value and the bound. Claims tied to the lesson's default parameters are skipped,
-visibly, once a reader changes those parameters (``use_defaults(False)``); ``always=True`` claims
-(exact equalities, invariants) run whatever the parameters.
+visibly, once a reader changes those parameters (``use_defaults(False)``); every check behaves so by
+default, ``close`` included. Pass ``always=True`` only for what holds at any parameters (exact
+equalities, invariants).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def greater(a: float, b: float, claim: str, *, margin: float = 0.0, always: bool
 
 
 def close(a: float, b: float, claim: str, *, rtol: float = 1e-5, atol: float = 0.0,
-          always: bool = True) -> bool:
+          always: bool = False) -> bool:
     ok = math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
     return _report(ok, claim, f"{_fmt(a)} ≈ {_fmt(b)} (rtol={rtol:g}, atol={atol:g})", always)
 

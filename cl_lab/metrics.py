@@ -52,16 +52,25 @@ def forward_transfer(R, b: Sequence[float]) -> float:
 
 
 def forgetting(R) -> float:
-    """Average forgetting (Chaudhry et al. 2018): mean over j<T of max_{l<T} R[l, j] − R[T, j]."""
+    """Average forgetting (Chaudhry et al. 2018, RWalk, eq. 8), after the last task T:
+
+        f_j = max_{l < T} R[l, j] − R[T, j],      F = 1/(T−1) Σ_{j<T} f_j
+
+    The max runs over every earlier row l < T, including rows before task j was trained (l < j), and the
+    average over every task but the last. Another common reading replaces the max with the accuracy when
+    the task was learnt, R[j, j] − R[T, j] (Avalanche's ``forgetting`` metric); it is −BWT, and it is
+    smaller whenever a task was better at some later row than at its own.
+    """
     R = _square(R)
     T = len(R)
     if T < 2:
         raise ValueError("R must cover at least 2 tasks for forgetting, got 1")
-    return float(np.mean([R[j:T - 1, j].max() - R[-1, j] for j in range(T - 1)]))
+    return float(np.mean([R[:T - 1, j].max() - R[-1, j] for j in range(T - 1)]))
 
 
 def min_acc(accuracies_after_learning: Sequence[float]) -> float:
-    """Min-ACC of one task (De Lange et al. 2023): its lowest accuracy at any evaluation after it was learned."""
+    """Min-ACC of one task (De Lange et al. 2023): min_{n > t_j} a_j(n), its lowest accuracy at any evaluation
+    strictly after the last iteration t_j of its own task (the caller selects those evaluations)."""
     acc = np.asarray(accuracies_after_learning, dtype=float)
     if acc.ndim != 1 or acc.size == 0:
         raise ValueError("accuracies_after_learning must be a non-empty 1-D sequence, "

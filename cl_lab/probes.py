@@ -35,9 +35,7 @@ class GradientInterference(Method):
         if ctx.task.id <= self.old_task or ctx.task_step % self.every:
             return
         old = ctx.stream.eval_tasks[self.old_task]
-        x = old.x_train[: self.n_samples].to(ctx.device)
-        y = old.y_train[: self.n_samples].to(ctx.device)
-        t = old.t_train[: self.n_samples].to(ctx.device)
+        x, y, t = (v.to(ctx.device) for v in old.sample(self.n_samples, seed=self.old_task))  # fixed random draw
         params = list(ctx.model.parameters())
         old_grads = torch.autograd.grad(F.cross_entropy(ctx.forward(x, t), y), params)
         g_old = torch.cat([g.reshape(-1) for g in old_grads])  # [P]

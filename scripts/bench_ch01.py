@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def widget_latency() -> None:
-    from cl_lab import ch01, widgets
+    from cl_lab import widgets
+    from cl_lab.chapters import ch01
 
     cache = widgets.ResultCache()
     fixed = {"seed": 0, "device": "cpu"}

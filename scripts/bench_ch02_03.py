@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from cl_lab import ch02, ch03, fisher, models, train
+from cl_lab import fisher, models, train
+from cl_lab.chapters import ch02, ch03
 
 
 def best_of(fn, repeats: int = 3) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from cl_lab import ch04, ch05
+from cl_lab.chapters import ch04, ch05
 from cl_lab.methods.replay import ER, POLICIES
 
 

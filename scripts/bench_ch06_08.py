@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 
-from cl_lab import ch06, ch07, ch08, data, models, train
+from cl_lab import data, models, train
+from cl_lab.chapters import ch06, ch07, ch08
 from cl_lab.device import seed_everything
 from cl_lab.methods.head_bias import make_remedy
 from cl_lab.methods.isolation import PackNet, ProgNN, ProgressiveNet

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_lab import ch12
+from cl_lab.chapters import ch12
 from cl_lab.methods.alignment import (
     StageAdapters,
     check_stage,

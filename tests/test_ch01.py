@@ -6,7 +6,8 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-from cl_lab import ch01, data, models, probes, seed_everything, train, widgets
+from cl_lab import data, models, probes, seed_everything, train, widgets
+from cl_lab.chapters import ch01
 
 FAST = {"first_steps": 20, "hidden": (32, 32)}
 

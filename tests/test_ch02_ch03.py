@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cl_lab import ch02, ch03, widgets
+from cl_lab import widgets
+from cl_lab.chapters import ch02, ch03
 from cl_lab.fisher import ESTIMATES
 
 SMALL = dict(hidden=(8,), steps=5, seed=0)

@@ -33,4 +33,33 @@ def test_lesson_claims_skip_visibly_off_defaults(capsys):
 def test_invariants_run_at_any_parameters():
     check.use_defaults(False)
     with pytest.raises(check.ClaimFailed):
-        check.close(1.0, 2.0, "exactness")
+        check.close(1.0, 2.0, "exactness", always=True)
+
+
+def test_close_is_a_lesson_claim_by_default(capsys):
+    """A closeness that depends on the seed or the sizes is skipped, visibly, off the defaults."""
+    check.use_defaults(False)
+    assert check.close(1.0, 2.0, "a seed-dependent match")
+    assert "↷ claim skipped: a seed-dependent match" in capsys.readouterr().out
+
+
+def test_best_times_keeps_each_sides_fastest_run_interleaved():
+    import time
+
+    from cl_lab import timing
+
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.004)
+
+    def fast():
+        calls.append("fast")
+
+    best = timing.best_times({"slow": slow, "fast": fast}, repeats=3, warmup=0)
+    assert calls == ["slow", "fast"] * 3  # alternated, so a burst of load hits both sides
+    assert best["slow"] >= 0.004 > best["fast"]
+    assert timing.speedup(slow, fast, repeats=2) > 1
+    with pytest.raises(ValueError, match="repeats must be"):
+        timing.best_times({"f": fast}, repeats=0)

@@ -107,8 +107,14 @@ def test_empty_stream_is_an_error():
 
 def test_permuted_first_task_is_the_original(mnist):
     stream = data.permuted(mnist, 3, "class", n_train=100)
-    assert torch.equal(stream.tasks[0].x_test, mnist.x_test)
-    assert not torch.equal(stream.tasks[1].x_test, mnist.x_test)
+
+    key = torch.randn(784, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def as_set(x):  # the same images in another (seeded) order: sort by a random projection
+        return x[torch.argsort(x.double() @ key)]
+
+    assert torch.equal(as_set(stream.tasks[0].x_test), as_set(mnist.x_test))
+    assert not torch.equal(as_set(stream.tasks[1].x_test), as_set(mnist.x_test))
     assert stream.n_out == 30 and stream.tasks[2].y_test.min() == 20
 
 
@@ -140,3 +146,42 @@ def test_reordered_stream_trains_and_evaluates_in_the_new_order(mnist):
     assert torch.equal(again.masks, stream.masks)  # a task keeps its own head mask
     with pytest.raises(ValueError, match="order must be a permutation of 0..4"):
         stream.reordered((0, 1, 2, 3, 3))
+
+
+def _stream(kind: str, scenario: str, mnist):
+    if kind == "split":
+        return data.split(mnist, 5, scenario=scenario)
+    if kind == "permuted":
+        return data.permuted(mnist, 3, scenario=scenario)
+    return data.rotated(mnist, (0, 45, 90), scenario=scenario)
+
+
+@pytest.mark.parametrize("scenario", data.SCENARIOS)
+@pytest.mark.parametrize("kind", ["split", "permuted", "rotated"])
+def test_every_prefix_is_a_fair_sample(kind, scenario, mnist):
+    """The subset is sorted by label; a task's first 10 % must still hold every class near its share."""
+    for task in _stream(kind, scenario, mnist):
+        for y in (task.y_train, task.y_test):
+            head = y[: len(y) // 10]
+            counts = torch.bincount(head, minlength=max(task.classes) + 1)[list(task.classes)].float()
+            share = counts / len(head)
+            expected = 1 / len(task.classes)
+            tolerance = 4 * (expected * (1 - expected) / len(head)) ** 0.5  # four binomial standard errors
+            assert (counts > 0).all(), f"{kind}/{scenario} task {task.name}: a class is missing from the prefix"
+            assert (share - expected).abs().max() < tolerance, f"{kind}/{scenario} {task.name}: {share.tolist()}"
+
+
+def test_task_sample_is_a_seeded_random_draw(mnist):
+    task = data.split(mnist, 5)[0]
+    x1, y1, t1 = task.sample(50, seed=3)
+    x2, y2, _ = task.sample(50, seed=3)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and len(t1) == 50
+    assert not torch.equal(task.sample(50, seed=4)[1], y1)
+    assert len(task.sample(10_000, seed=0)[1]) == len(task.y_train)
+    with pytest.raises(ValueError, match="split must be one of 'train', 'test'"):
+        task.sample(5, seed=0, split="val")
+
+
+def test_the_offline_subset_is_stored_shuffled(mnist):
+    head = mnist.y_train[:400]
+    assert torch.bincount(head, minlength=10).min() >= 20  # sorted storage would give one digit

@@ -27,3 +27,17 @@ def test_same_seed_same_init():
 def test_seed_must_be_a_non_negative_int():
     with pytest.raises(ValueError, match="seed must be ≥ 0"):
         seed_everything(-1)
+
+
+def test_thread_policy_follows_cl_lab_threads(monkeypatch):
+    from cl_lab.device import apply_thread_policy
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("CL_LAB_THREADS", "1")
+        assert apply_thread_policy() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("CL_LAB_THREADS", "two")
+        with pytest.raises(ValueError, match="CL_LAB_THREADS must be a positive integer, got 'two'"):
+            apply_thread_policy()
+    finally:
+        torch.set_num_threads(before)

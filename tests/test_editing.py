@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cl_lab import ch11
+from cl_lab.chapters import ch11
 from cl_lab.methods.editing import batch_update, finetune_on_fact, key_covariance, rome_edit, rome_update
 
 matplotlib.use("Agg")

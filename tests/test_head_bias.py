@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cl_lab import ch07, data, models, train
+from cl_lab import data, models, train
+from cl_lab.chapters import ch07
 from cl_lab.methods.head_bias import (
     ERACE,
     NME,

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cl_lab import ch06, data, models, train
+from cl_lab import data, models, train
+from cl_lab.chapters import ch06
 from cl_lab.methods.isolation import FREE, PackNet, ProgNN, ProgressiveNet, prognn_parameter_count
 from cl_lab.models import count_parameters
 

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cl_lab import ch09, data, models, train
+from cl_lab import data, models, train
+from cl_lab.chapters import ch09
 from cl_lab.data.streams import Stream
 from cl_lab.methods.lora import (
     LoRALinear,

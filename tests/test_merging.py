@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cl_lab import ch10
+from cl_lab.chapters import ch10
 from cl_lab.methods import merging
 
 matplotlib.use("Agg")

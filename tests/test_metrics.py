@@ -68,3 +68,17 @@ def test_single_task_has_no_transfer():
 def test_min_acc_needs_values():
     with pytest.raises(ValueError, match="accuracies_after_learning"):
         metrics.min_acc([])
+
+
+# Task 2 (column 1) scores 0.95 before it is trained (row 0), as a shared Domain-IL head allows.
+R_BEFORE = np.array([[0.9, 0.95, 0.3],
+                     [0.5, 0.80, 0.2],
+                     [0.4, 0.60, 0.7]])
+
+
+def test_forgetting_maxes_over_every_earlier_row_rwalk_eq_8():
+    rwalk = ((0.9 - 0.4) + (0.95 - 0.6)) / 2  # max over l < T, rows before the task included
+    rows_from_j = ((0.9 - 0.4) + (0.80 - 0.6)) / 2  # the reading that starts at row j
+    assert metrics.forgetting(R_BEFORE) == pytest.approx(rwalk)
+    assert rwalk != pytest.approx(rows_from_j)
+    assert -metrics.backward_transfer(R_BEFORE) == pytest.approx(rows_from_j)  # Avalanche's reading here

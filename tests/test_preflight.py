@@ -35,3 +35,12 @@ def test_kernel_stderr_goes_to_the_log_and_comes_back(tmp_path, capfd):
     os.write(2, b"after\n")
     assert "without encryption" in log.read_text()
     assert capfd.readouterr().err == "after\n"
+
+
+def test_seeded_table_has_a_row_per_chapter_and_seed():
+    rows = [preflight.ChapterResult("04_replay", 50.0, 23, 0, 0, seed=s) for s in (0, 1)]
+    rows.append(preflight.ChapterResult("04_replay", 51.0, 22, 1, 0, error="ClaimFailed: x", seed=2))
+    lines = preflight.format_table(rows).splitlines()
+    assert "seed" in lines[0]
+    assert [line.split()[1] for line in lines[2:]] == ["0", "1", "2"]
+    assert "22/23" in lines[-1] and "FAILED" in lines[-1]

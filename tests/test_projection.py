@@ -84,7 +84,8 @@ def test_chapter05_playground_widget_headless(monkeypatch):
     import ipywidgets as w
     import matplotlib.pyplot as plt
 
-    from cl_lab import ch05, widgets
+    from cl_lab import widgets
+    from cl_lab.chapters import ch05
 
     monkeypatch.setattr(plt, "show", lambda *a, **k: None)
     widget = widgets.sweep(ch05.playground, ch05.plot_playground, fixed={"seed": 0, "n_train": 60},
@@ -95,7 +96,7 @@ def test_chapter05_playground_widget_headless(monkeypatch):
 
 
 def test_step_cost_remeasures_while_a_bound_is_missed_and_keeps_the_fastest(capsys):
-    from cl_lab import ch05
+    from cl_lab.chapters import ch05
 
     table = ch05.step_cost([1], memory_per_task=10, repeats=2, remeasure_above={"GEM": 0.0}, max_rounds=3)
     assert capsys.readouterr().out.count("measuring again") == 2  # an unmeetable bound: every round, then give up
@@ -106,14 +107,14 @@ def test_step_cost_remeasures_while_a_bound_is_missed_and_keeps_the_fastest(caps
 
 
 def test_step_cost_rejects_an_unknown_bound_name():
-    from cl_lab import ch05
+    from cl_lab.chapters import ch05
 
     with pytest.raises(ValueError, match="remeasure_above.*allowed"):
         ch05.step_cost([1], memory_per_task=10, repeats=1, remeasure_above={"GEMM": 2.0})
 
 
 def test_geometry_plot_returns_both_projections():
-    from cl_lab import ch05
+    from cl_lab.chapters import ch05
 
     g = torch.tensor([-1.6, -0.4], dtype=torch.float64)
     G = torch.tensor([[1.0, 0.3], [-0.3, 1.0]], dtype=torch.float64)

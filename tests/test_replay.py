@@ -160,7 +160,8 @@ def test_der_plus_plus_name_and_validation():
 def test_chapter04_playground_widget_headless(monkeypatch):
     import matplotlib.pyplot as plt
 
-    from cl_lab import ch04, widgets
+    from cl_lab import widgets
+    from cl_lab.chapters import ch04
 
     monkeypatch.setattr(plt, "show", lambda *a, **k: None)
     import ipywidgets as w
@@ -176,7 +177,7 @@ def test_chapter04_playground_widget_headless(monkeypatch):
 
 
 def test_coin_flip_share_is_r_over_one_plus_r():
-    from cl_lab import ch04
+    from cl_lab.chapters import ch04
 
     shares = [ch04.coin_flip_replay_share(2000, 0.3, s) for s in range(20)]
     assert abs(np.mean(shares) - 0.3 / 1.3) < 0.01

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cl_lab import ch08, data, models, train
+from cl_lab import data, models, train
+from cl_lab.chapters import ch08
 from cl_lab.device import seed_everything
 from cl_lab.train import Run
 
@@ -37,6 +38,21 @@ def test_min_acc_and_wc_acc_on_hand_made_curves():
     assert run.wc_acc(1) == pytest.approx(0.95 / 2 + 0.5 * 0.2)
     with pytest.raises(ValueError, match="task"):
         run.min_acc(2)  # the last task has no later task
+
+
+def test_min_acc_is_strictly_after_the_task_end_and_wc_acc_stops_at_task_k():
+    run = _hand_made_run()
+    c = run.curves
+    # The evaluation at step 4 is taken before task 1's first update: it is task 0's end model, n = t_0.
+    c.loc[(c.task == 0) & (c.step == 4), "accuracy"] = 0.05
+    # A deeper dip of task 0 during task 2 (step 10) belongs to WC-ACC after task 2, not after task 1.
+    c.loc[(c.task == 0) & (c.step == 10), "accuracy"] = 0.1
+    assert run.min_acc(0) == 0.1  # n > t_0 over the whole run: step 4's 0.05 is excluded
+    assert run.min_acc(0, until_task=1) == 0.2  # up to the end of task 1 (step 8)
+    assert run.wc_acc(1) == pytest.approx(0.95 / 2 + 0.5 * 0.2)
+    assert ch08.gap_metrics(run).iloc[0]["Min-ACC"] == 0.1
+    with pytest.raises(ValueError, match="until_task must be in 1..2"):
+        run.min_acc(0, until_task=0)
 
 
 def test_gap_metrics_separate_the_hidden_dip_from_end_of_task_forgetting():

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from cl_lab import ch03, data, models, train
+from cl_lab import data, models, train
+from cl_lab.chapters import ch03
 from cl_lab.methods.base import Method
 from cl_lab.methods.regularization import SI
 from cl_lab.methods.taskfree import ConsolidateEvery

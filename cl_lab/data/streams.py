@@ -50,6 +50,19 @@ class Task:
     def t_test(self) -> torch.Tensor:
         return torch.full((len(self.y_test),), self.id, dtype=torch.long)
 
+    def sample(self, n: int, seed: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A seeded random draw of ``n`` samples (all of them if fewer): x [n, D], y [n], t [n].
+
+        Stored data can be sorted by class, so a subset is never ``x[:n]``: Fisher samples, probes and
+        sweeps all draw here.
+        """
+        _validate.positive_int("n", n)
+        _validate.one_of("split", split, ("train", "test"))
+        x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
+        t = self.t_train if split == "train" else self.t_test()
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+        return x[idx], y[idx], t[idx]
+
 
 @dataclass
 class Stream:
@@ -126,15 +139,22 @@ def _as_dataset(dataset: Dataset | str, **load_kwargs) -> Dataset:
 
 
 def _subsample(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if n is None or n >= len(y):
-        return x, y
+    """A seeded random order of (x, y), cut to ``n`` samples when given: any prefix is then a fair sample."""
     idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
     return x[idx], y[idx]
 
 
+def _test_seed(seed: int, task: int) -> int:
+    return 7919 * (seed + 1) + task  # distinct from the train order's seed + task
+
+
 def split(dataset: Dataset | str, n_tasks: int = 5, scenario: str = "class", *,
           n_train: int | None = None, seed: int = 0) -> Stream:
-    """Split the classes into ``n_tasks`` groups in class order (0-1, 2-3, … for 5 MNIST tasks)."""
+    """Split the classes into ``n_tasks`` groups in class order (0-1, 2-3, … for 5 MNIST tasks).
+
+    Every task's train and test samples are stored in a seeded random order (``seed``), whatever the
+    dataset's order: the first n of a task are a fair sample of its classes.
+    """
     _validate.positive_int("n_tasks", n_tasks)
     _validate.one_of("scenario", scenario, SCENARIOS)
     data = _as_dataset(dataset)
@@ -146,7 +166,7 @@ def split(dataset: Dataset | str, n_tasks: int = 5, scenario: str = "class", *,
         digits = tuple(range(i * per_task, (i + 1) * per_task))
         x_tr, y_tr = _select(data.x_train, data.y_train, digits)
         x_tr, y_tr = _subsample(x_tr, y_tr, n_train, seed + i)
-        x_te, y_te = _select(data.x_test, data.y_test, digits)
+        x_te, y_te = _subsample(*_select(data.x_test, data.y_test, digits), None, _test_seed(seed, i))
         if scenario == "domain":
             y_tr, y_te = y_tr - digits[0], y_te - digits[0]
             classes = tuple(range(per_task))
@@ -168,10 +188,10 @@ def _transformed_stream(data: Dataset, transforms: list, names: list[str], scena
     tasks = []
     for i, (transform, name) in enumerate(zip(transforms, names)):
         x_tr, y_tr = _subsample(data.x_train, data.y_train, n_train, seed + i)
+        x_te, y_te = _subsample(data.x_test, data.y_test, None, _test_seed(seed, i))
         offset = 0 if scenario == "domain" else i * k
         classes = tuple(range(offset, offset + k))
-        tasks.append(Task(i, name, transform(x_tr), y_tr + offset, transform(data.x_test),
-                          data.y_test + offset, classes))
+        tasks.append(Task(i, name, transform(x_tr), y_tr + offset, transform(x_te), y_te + offset, classes))
     n_out = k if scenario == "domain" else k * len(tasks)
     return Stream(f"{kind}-{data.name}", scenario, tasks, n_out, data.image_shape)
 
@@ -217,9 +237,10 @@ def rotated(dataset: Dataset | str, angles: tuple[float, ...] = (0, 80, 160), sc
 def joint(stream: Stream) -> Stream:
     """Joint training as a stream: one task holding every task's training data, evaluated per task."""
     tasks = stream.tasks
-    union = Task(0, "joint", torch.cat([t.x_train for t in tasks]), torch.cat([t.y_train for t in tasks]),
-                 tasks[0].x_test, tasks[0].y_test, tuple(range(stream.n_out)),
-                 t_train=torch.cat([t.t_train for t in tasks]))
+    t_train = torch.cat([t.t_train for t in tasks])  # [N]
+    order = torch.randperm(len(t_train), generator=torch.Generator().manual_seed(0))  # a fair prefix here too
+    union = Task(0, "joint", torch.cat([t.x_train for t in tasks])[order], torch.cat([t.y_train for t in tasks])[order],
+                 tasks[0].x_test, tasks[0].y_test, tuple(range(stream.n_out)), t_train=t_train[order])
     return Stream(f"joint({stream.name})", stream.scenario, [union], stream.n_out, stream.input_shape,
                   eval_tasks=list(stream.eval_tasks))
 

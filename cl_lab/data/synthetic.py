@@ -17,7 +17,8 @@ def _blobs(centres, n_per_class: int, spread: float, gen: torch.Generator):
     for label, centre in enumerate(centres):
         xs.append(torch.tensor(centre) + spread * torch.randn(n_per_class, 2, generator=gen))
         ys.append(torch.full((n_per_class,), label, dtype=torch.long))
-    return torch.cat(xs), torch.cat(ys)  # [2n, 2], [2n]
+    order = torch.randperm(2 * n_per_class, generator=gen)  # stored shuffled: any prefix holds both classes
+    return torch.cat(xs)[order], torch.cat(ys)[order]  # [2n, 2], [2n]
 
 
 def two_blob_tasks(n_per_class: int = 200, spread: float = 0.5, seed: int = 0) -> Stream:

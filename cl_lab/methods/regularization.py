@@ -59,10 +59,9 @@ def _importance_offset(method) -> dict[str, torch.Tensor]:
 
 
 def _task_sample(ctx: Context, n_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first ``n_samples`` training samples of the task just trained (x [N, D], y [N], t [N])."""
-    task = ctx.task
-    return (task.x_train[:n_samples].to(ctx.device), task.y_train[:n_samples].to(ctx.device),
-            task.t_train[:n_samples].to(ctx.device))
+    """A seeded random draw of ``n_samples`` training samples of the task just trained (x [N, D], y [N], t [N])."""
+    x, y, t = ctx.task.sample(n_samples, seed=ctx.task.id)
+    return x.to(ctx.device), y.to(ctx.device), t.to(ctx.device)
 
 
 def _no_anchor_error(method: str) -> ValueError:

@@ -52,7 +52,7 @@ def gap_metrics(run: train.Run, eval_every: int = 1) -> pd.DataFrame:
     curves = subsample_curves(run.curves, eval_every)
     rows = []
     for j in range(len(run.R) - 1):
-        after = curves[(curves.task == j) & (curves.step >= run.boundaries[j + 1])]
+        after = curves[(curves.task == j) & (curves.step > run.boundaries[j + 1])]
         min_acc = metrics.min_acc(after.accuracy.to_numpy())
         seen_at_ends = run.R[j + 1:, j].min()
         rows.append({"task": j, "end of its task": run.R[j, j], "lowest at later task ends": seen_at_ends,

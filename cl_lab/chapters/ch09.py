@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cl_lab import _validate, data, models, train
-from cl_lab.ch02 import mnist
+from cl_lab.chapters.ch02 import mnist
 from cl_lab.data.streams import Stream
 from cl_lab.device import seed_everything
 from cl_lab.methods.base import Context, Method

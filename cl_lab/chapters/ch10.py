@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from cl_lab import _validate, data, metrics, models, train
-from cl_lab.ch02 import mnist
+from cl_lab.chapters.ch02 import mnist
 from cl_lab.data.streams import Stream, Task
 from cl_lab.device import pick_device, seed_everything
 from cl_lab.methods import merging

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from cl_lab import _validate, data, fisher, models, plots, train
-from cl_lab.ch02 import mnist, two_task_stream
+from cl_lab.chapters.ch02 import mnist, two_task_stream
 from cl_lab.data.streams import Stream, Task
 from cl_lab.methods.base import Context
 from cl_lab.methods.distillation import LwF

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from cl_lab import _validate, models
-from cl_lab.ch02 import mnist
+from cl_lab.chapters.ch02 import mnist
 from cl_lab.device import seed_everything
 from cl_lab.fisher import fisher_diagonal
 from cl_lab.methods.alignment import (
