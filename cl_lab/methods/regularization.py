@@ -80,7 +80,8 @@ class EWC(Method):
 
     This is the paper's form (no (1 − γ) on the new Fisher): with γ = 1 the penalty has the curvature of
     the per-task sum, and λ keeps one meaning whatever γ is. ``fisher`` picks the estimate (see
-    ``cl_lab.fisher.ESTIMATES``), computed on the first ``n_samples`` training samples of each task.
+    ``cl_lab.fisher.ESTIMATES``), computed on a seeded random draw of ``n_samples`` training samples of each task
+    (``Task.sample``; stored data can be sorted by label, and a prefix would then be a biased Fisher sample).
     """
 
     name = "ewc"
@@ -251,8 +252,8 @@ def output_sensitivity(model: nn.Module, x: torch.Tensor, t: torch.Tensor | None
 class MAS(Method):
     """Memory Aware Synapses (Aljundi et al. 2018, arXiv 1711.09601, eqs. 4 and 10).
 
-    Ω from ``output_sensitivity`` on the first ``n_samples`` inputs of each task (labels unused), summed over
-    tasks; penalty λ · Σ_i Ω_i (θ_i − θ*_i)², θ* the weights after the latest task.
+    Ω from ``output_sensitivity`` on a seeded random draw of ``n_samples`` inputs of each task (labels unused),
+    summed over tasks; penalty λ · Σ_i Ω_i (θ_i − θ*_i)², θ* the weights after the latest task.
     """
 
     name = "mas"
