@@ -1,0 +1,184 @@
+"""Build docs/questions.md: every interview question, and the chapter section that answers it.
+
+    python scripts/question_index.py            # (re)write docs/questions.md
+    python scripts/question_index.py --check    # exit 1 when docs/questions.md is stale or a target is gone
+
+Two sources: the drill questions in the notebooks (markdown headed **L1.**, **L2.**, **L3.**, or <b>L1.</b> inside
+a <details> summary; one cell per question or many in one cell), and docs/question_map.yml, the hand-kept map
+of the questions the source notes raise. Each link points at a notebook and a section heading in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import nbformat
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+MAP = ROOT / "docs" / "question_map.yml"
+INDEX = ROOT / "docs" / "questions.md"
+
+_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$", re.MULTILINE)
+_DRILL = re.compile(r"(?:\*\*|<b>)\s*(L[123])\.\s*(?:\*\*|</b>)")
+_SECTION_REF = re.compile(r"\bsections?\s+(\d+)\b")
+
+
+@dataclass
+class Chapter:
+    number: str
+    path: Path
+    title: str
+    headings: list[str]
+
+
+@dataclass
+class Target:
+    chapter: Chapter
+    heading: str
+
+
+@dataclass
+class DrillQuestion:
+    level: str
+    text: str
+    answered_in: Target
+    see_also: list[Target] = field(default_factory=list)
+
+
+def heading_text(markdown_heading: str) -> str:
+    """A heading as a reader sees it: emphasis and code marks dropped."""
+    return re.sub(r"[*_`]", "", markdown_heading).strip()
+
+
+def jupyterlab_anchor(heading: str) -> str:
+    """The fragment JupyterLab gives a rendered heading (its text, spaces as hyphens), URL-quoted."""
+    return quote(heading.replace(" ", "-"), safe="-:,()'!*")
+
+
+def chapters(folder: Path = NOTEBOOKS) -> dict[str, Chapter]:
+    found = {}
+    for path in sorted(folder.glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        heads = [heading_text(m.group(2)) for c in nb.cells if c.cell_type == "markdown"
+                 for m in _HEADING.finditer(c.source)]
+        title = next((h for h in heads), path.stem)
+        found[path.name[:2]] = Chapter(path.name[:2], path, title, heads)
+    return found
+
+
+def find_section(chapter: Chapter, piece: str) -> str:
+    """The first heading of ``chapter`` that contains ``piece`` (case-insensitive)."""
+    for heading in chapter.headings[1:]:
+        if piece.lower() in heading.lower():
+            return heading
+    raise LookupError(f"chapter {chapter.number} ({chapter.path.name}) has no section heading containing "
+                      f"{piece!r}; its headings: {chapter.headings[1:]}")
+
+
+def _question_text(source: str, start: int) -> str:
+    rest = source[start:]
+    end = min(i for i in (rest.find("</summary>"), rest.find("<details"), rest.find("\n\n"), len(rest)) if i >= 0)
+    return " ".join(rest[:end].split())
+
+
+def drill_questions(chapter: Chapter) -> list[DrillQuestion]:
+    """Every L1/L2/L3 question of a chapter, with the heading above it and the sections its answer cites."""
+    nb = nbformat.read(chapter.path, as_version=4)
+    current, found = chapter.title, []
+    numbered = {m.group(1): h for h in chapter.headings if (m := re.match(r"(\d+)\s*·", h))}  # "3 · …" by "3"
+    for cell in (c for c in nb.cells if c.cell_type == "markdown"):
+        marks = sorted([(m.start(), "h", m) for m in _HEADING.finditer(cell.source)]
+                       + [(m.start(), "q", m) for m in _DRILL.finditer(cell.source)], key=lambda x: x[0])
+        for i, (_, kind, m) in enumerate(marks):
+            if kind == "h":
+                current = heading_text(m.group(2))
+                continue
+            answer = cell.source[m.end():marks[i + 1][0] if i + 1 < len(marks) else len(cell.source)]
+            cited = list(dict.fromkeys(numbered[n] for n in _SECTION_REF.findall(answer) if n in numbered))
+            found.append(DrillQuestion(m.group(1), _question_text(cell.source, m.end()), Target(chapter, current),
+                                       [Target(chapter, h) for h in cited]))
+    return found
+
+
+def link(target: Target, label: str) -> str:
+    rel = f"../notebooks/{target.chapter.path.name}"
+    return f"[{label}]({rel}#{jupyterlab_anchor(target.heading)})"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def source_rows(entries: list[dict], found: dict[str, Chapter]) -> list[str]:
+    rows = []
+    for entry in entries:
+        links = []
+        for t in entry.get("answered_in") or []:
+            chapter = found.get(t["chapter"])
+            if chapter is None:
+                raise LookupError(f"{entry['id']}: no notebook for chapter {t['chapter']} in {NOTEBOOKS}")
+            heading = find_section(chapter, t["section"])
+            links.append(link(Target(chapter, heading), f"{chapter.number} · {heading}"))
+        if entry.get("planned"):
+            links.append(f"*planned:* {entry['planned']}")
+        answered = "<br>".join(links) if entry.get("answered_in") else "**not answered yet**" + (
+            f"<br>*planned:* {entry['planned']}" if entry.get("planned") else "")
+        rows.append(f"| {entry['id']} | {_cell(entry['question'])} | {answered} |")
+    return rows
+
+
+def render(found: dict[str, Chapter] | None = None, mapping: Path = MAP) -> str:
+    found = chapters() if found is None else found
+    spec = yaml.safe_load(mapping.read_text(encoding="utf-8"))
+    entries = spec["questions"]
+    unanswered = sum(not e.get("answered_in") for e in entries)
+    lines = ["# Question index", "",
+             "Every interview question in the workbook, and every question the source notes raise, with the chapter "
+             "section that answers it. Generated by `python scripts/question_index.py` from the notebooks and "
+             "`docs/question_map.yml`: edit those, not this file.", "",
+             f"## Questions from the source notes ({len(entries)}; {unanswered} not answered yet)", "",
+             f"From {spec['source']}: the level questions L1–L3 with their follow-ups, and the deep dives D1–D8, "
+             "in our words.", "",
+             "| id | question | answered in |", "|---|---|---|", *source_rows(entries, found), ""]
+    drills = {n: drill_questions(c) for n, c in found.items()}
+    lines += [f"## Interview drill, chapter by chapter ({sum(map(len, drills.values()))} questions)", "",
+              "Each answer is folded under its question in the chapter's drill; *see also* points at the sections "
+              "the answer cites.", ""]
+    for number, chapter in found.items():
+        lines += [f"### [{chapter.title}](../notebooks/{chapter.path.name})", ""]
+        if not drills[number]:
+            lines += ["No drill questions yet.", ""]
+            continue
+        lines += ["| level | question | answered in | see also |", "|---|---|---|---|"]
+        for q in drills[number]:
+            also = ", ".join(link(t, t.heading) for t in q.see_also) or "—"
+            lines.append(f"| {q.level} | {_cell(q.text)} | {link(q.answered_in, q.answered_in.heading)} | {also} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="fail when docs/questions.md is not up to date")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        if not INDEX.exists() or INDEX.read_text(encoding="utf-8") != text:
+            print(f"{INDEX.relative_to(ROOT)} is stale: run python scripts/question_index.py", file=sys.stderr)
+            return 1
+        print(f"{INDEX.relative_to(ROOT)} is up to date")
+        return 0
+    INDEX.write_text(text, encoding="utf-8")
+    print(f"written {INDEX.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

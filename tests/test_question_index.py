@@ -1,0 +1,82 @@
+"""docs/questions.md: complete (D1–D8, L1–L3 with follow-ups, every drill question), current, and every link lands
+on an existing notebook and an existing section heading in it."""
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+INDEX = ROOT / "docs" / "questions.md"
+LINK = re.compile(r"\]\((\.\./notebooks/[^)#\s]+)#([^)\s]+)\)")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+qi = _load("question_index")
+
+
+def test_index_is_up_to_date():
+    assert INDEX.read_text(encoding="utf-8") == qi.render(), "run: python scripts/question_index.py"
+
+
+def test_every_link_lands_on_a_section_of_an_existing_notebook():
+    found = {c.path.name: c for c in qi.chapters().values()}
+    links = LINK.findall(INDEX.read_text(encoding="utf-8"))
+    assert len(links) > 50
+    for rel, fragment in links:
+        path = (INDEX.parent / rel).resolve()
+        assert path.exists(), f"{rel}: no such notebook"
+        anchors = {unquote(qi.jupyterlab_anchor(h)) for h in found[path.name].headings}
+        assert unquote(fragment) in anchors, f"{rel}#{fragment}: no such section heading"
+
+
+def test_source_questions_cover_l1_to_l3_with_follow_ups_and_d1_to_d8():
+    ids = [e["id"] for e in yaml.safe_load(qi.MAP.read_text(encoding="utf-8"))["questions"]]
+    expected = [f"L{(n - 1) // 4 + 1}.{n}" for n in range(1, 13)]
+    expected = [x for q in expected for x in (q, f"{q} follow-up")] + [f"D{n}" for n in range(1, 9)]
+    assert ids == expected
+    text = INDEX.read_text(encoding="utf-8")
+    assert all(f"| {i} |" in text for i in ids)
+
+
+def test_every_drill_question_is_listed():
+    text = INDEX.read_text(encoding="utf-8")
+    questions = [q for c in qi.chapters().values() for q in qi.drill_questions(c)]
+    assert questions, "no drill question found in any notebook"
+    missing = [q.text for q in questions if f"| {q.level} | {qi._cell(q.text)} |" not in text]
+    assert not missing
+
+
+def test_drill_questions_in_one_long_cell_and_one_per_cell(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# 01 · Demo"), nbformat.v4.new_markdown_cell("## 2 · Mechanism"),
+                nbformat.v4.new_markdown_cell("## Interview drill\n\n<details><summary><b>L1.</b> First?</summary>"
+                                              "\nSee section 2.\n</details>\n\n**L2.** Second, over\ntwo lines?\n"
+                                              "<details><summary>Answer</summary>no</details>"),
+                nbformat.v4.new_markdown_cell("**L3.** Third?\n<details><summary>Answer</summary>x</details>")]
+    nbformat.write(nb, tmp_path / "01_demo.ipynb")
+    chapter = qi.chapters(tmp_path)["01"]
+    got = [(q.level, q.text, q.answered_in.heading, [t.heading for t in q.see_also])
+           for q in qi.drill_questions(chapter)]
+    assert got == [("L1", "First?", "Interview drill", ["2 · Mechanism"]),
+                   ("L2", "Second, over two lines?", "Interview drill", []),
+                   ("L3", "Third?", "Interview drill", [])]
+
+
+def test_a_renamed_section_is_reported_not_linked():
+    chapter = next(iter(qi.chapters().values()))
+    with pytest.raises(LookupError, match="no section heading containing"):
+        qi.find_section(chapter, "a heading nobody wrote")
