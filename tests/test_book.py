@@ -1,5 +1,11 @@
 """The rendered book: check.report()'s claims table, and one chapter built and opened in headless Chromium."""
 
+import importlib.util
+import re
+import shutil
+import sys
+from pathlib import Path
+
 import pytest
 
 from cl_lab import check
@@ -47,3 +53,72 @@ def test_rerunning_a_cell_replaces_its_rows_and_a_loop_keeps_each(fresh_records,
     for value in (0.97, 0.98):
         check.at_least(value, 0.9, "each seed keeps task 1")
     assert [r.measured for r in check.report().rows] == ["0.97", "0.98"]
+
+
+# --- the book, built for one chapter in its SMOKE variant and opened in headless Chromium ---------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTER = "05"  # quick in SMOKE, with figures; any chapter works: python scripts/build_book.py NN --smoke
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+book = _load("build_book")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("book")
+    assert book.build([CHAPTER], out, smoke=True, executed=None, timeout=600) == 0
+    (page,) = (out / "html").glob(f"{CHAPTER}_*.html")
+    return out / "html", page
+
+
+def test_home_page_is_the_readme_chapter_table_with_a_sidebar(built):
+    html, page = built
+    home = (html / "index.html").read_text(encoding="utf-8")
+    assert "<table" in home and "what it teaches" in home
+    assert f'href="{page.name}"' in home, "the built chapter is linked from the table and the sidebar"
+    assert "bd-sidebar-primary" in home
+
+
+def test_question_index_links_land_on_the_chapter_sections(built):
+    html, page = built
+    questions = (html / "questions.html").read_text(encoding="utf-8")
+    ids = set(re.findall(r'id="([^"]+)"', page.read_text(encoding="utf-8")))
+    targets = re.findall(rf'href="{re.escape(page.name)}#([^"]+)"', questions)
+    assert targets and set(targets) <= ids
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is absent: bash scripts/install_browser.sh")
+def test_chapter_page_shows_title_figure_and_claims_in_chromium(built):
+    from playwright.sync_api import sync_playwright
+
+    _, page_path = built
+    title = book.headings(next((ROOT / "notebooks").glob(f"{CHAPTER}_*.ipynb")))[0]
+    shot = ROOT / ".ci-work" / f"book-{CHAPTER}.png"
+    shot.parent.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 900})
+            page.goto(page_path.as_uri())
+            assert page.locator("h1").first.inner_text().replace("#", "").strip() == title
+            page.wait_for_function("() => [...document.querySelectorAll('main img')]"
+                                   ".some(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+            claims = page.locator("table.cl-lab-claims")
+            claims.scroll_into_view_if_needed()
+            assert claims.is_visible() and claims.locator("tbody tr").count() > 0
+            assert "claims checked" in claims.locator("caption").inner_text()
+            page.screenshot(path=str(shot))
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 0
