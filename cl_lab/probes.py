@@ -25,17 +25,22 @@ class GradientInterference(Method):
 
     name = "gradient-interference probe"
 
-    def __init__(self, old_task: int = 0, every: int = 10, n_samples: int = 256) -> None:
+    def __init__(self, old_task: int = 0, every: int = 10, n_samples: int = 256, seed: int = 0) -> None:
         self.old_task = _validate.non_negative_int("old_task", old_task)
         self.every = _validate.positive_int("every", every)
         self.n_samples = _validate.positive_int("n_samples", n_samples)
+        self.seed = _validate.non_negative_int("seed", seed)
         self.records: list[tuple[int, int, float]] = []
+
+    def old_sample(self, stream) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The old task's loss is measured on one fixed, seeded random draw of its training data (x, y, t):
+        stored data may be sorted by class, so never its first n samples."""
+        return stream.eval_tasks[self.old_task].sample(self.n_samples, seed=self.seed)
 
     def before_step(self, ctx: Context) -> None:
         if ctx.task.id <= self.old_task or ctx.task_step % self.every:
             return
-        old = ctx.stream.eval_tasks[self.old_task]
-        x, y, t = (v.to(ctx.device) for v in old.sample(self.n_samples, seed=self.old_task))  # fixed random draw
+        x, y, t = (v.to(ctx.device) for v in self.old_sample(ctx.stream))
         params = list(ctx.model.parameters())
         old_grads = torch.autograd.grad(F.cross_entropy(ctx.forward(x, t), y), params)
         g_old = torch.cat([g.reshape(-1) for g in old_grads])  # [P]

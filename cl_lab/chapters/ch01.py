@@ -94,11 +94,12 @@ def interference(seed: int = 0, steps: int = 300, scenario: str = "domain", ever
     """Continue from the task-1 model on task 2 while probing gradients and weights.
 
     Returns the run (continual evaluation every ``every`` steps) and one row per probe point: step,
-    cosine between the task-2 batch gradient and the task-1 gradient, drift, task-1 accuracy.
+    cosine between the task-2 batch gradient and the full task-1 gradient (on all of task 1's training
+    images), drift, task-1 accuracy.
     """
     stream = two_task_stream(scenario)
     model = first_task_model(seed, HIDDEN, scenario, device, first_steps)
-    cosine = probes.GradientInterference(old_task=0, every=every)
+    cosine = probes.GradientInterference(old_task=0, every=every, n_samples=len(stream.tasks[0].y_train), seed=seed)
     drift = probes.WeightDrift.around(model, every=every)
     run = train.fit(model, stream.only(1), [cosine, drift], steps=steps, seed=seed, eval_every=every,
                     device=device, progress=False)
