@@ -2,10 +2,10 @@
 
 nbval and papermill execute the notebooks but never render a widget; this script is the one check that the
 sliders a reader drags actually redraw the figure in JupyterLab, and how long that takes end to end.
-Not part of CI (it needs a browser). Needs chromium and playwright, without ``playwright install``:
+It needs chromium, playwright and JupyterLab (``bash scripts/install_browser.sh``; never ``playwright install``):
 
-    apt-get install -y chromium && .venv/bin/pip install playwright
     .venv/bin/python scripts/browser_check.py 01 --slider steps          # moves it one notch right
+    .venv/bin/pytest -m browser tests/test_browser.py                     # the same check as an opt-in test
 
 The notebook runs from a temporary copy (its SMOKE parameter set to True unless ``--full``), so
 JupyterLab's autosave never writes outputs into the committed file.
@@ -23,16 +23,30 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 try:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 except ImportError:
-    raise SystemExit("browser_check needs playwright: .venv/bin/pip install playwright "
-                     "(and apt-get install -y chromium)") from None
+    raise SystemExit("browser_check needs playwright and chromium: bash scripts/install_browser.sh") from None
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class BrowserCheckFailed(RuntimeError):
+    """The playground did not do in the browser what a reader expects."""
+
+
+@dataclass
+class PlaygroundResult:
+    notebook: str
+    run_all_s: float  # Run All until every cell ran and the playground's figure was drawn
+    slider: str
+    old_value: str
+    new_value: str
+    redraw_s: float  # one notch of the slider until a new figure replaced the old one
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -47,7 +61,7 @@ def prepared_copy(chapter: str, folder: Path, smoke: bool) -> str:
     """Copy the chapter into ``folder``, with SMOKE = True in its parameters cell when ``smoke``."""
     matches = sorted((ROOT / "notebooks").glob(f"{chapter}_*.ipynb"))
     if len(matches) != 1:
-        raise SystemExit(f"chapter must name one notebook (e.g. 01), got {chapter!r}")
+        raise BrowserCheckFailed(f"chapter must name one notebook (e.g. 01), got {chapter!r}")
     nb = json.loads(matches[0].read_text())
     if smoke:
         cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
@@ -62,7 +76,9 @@ def start_lab(folder: Path, port: int) -> subprocess.Popen:
     tracker = settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
     tracker.parent.mkdir(parents=True)
     tracker.write_text(json.dumps({"windowingMode": "none"}))
-    env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(settings)}
+    # The kernel inherits the environment: a headless MPLBACKEND=Agg (the test scripts set it) would draw no figures.
+    env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(settings),
+           "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
     lab = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", "--ip", "127.0.0.1",
            f"--port={port}", "--IdentityProvider.token=", "--ServerApp.password=", f"--ServerApp.root_dir={folder}"]
     return subprocess.Popen(lab, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -75,7 +91,7 @@ def wait_for_server(port: int, seconds: float = 60) -> None:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.5)
-    raise SystemExit(f"JupyterLab did not listen on port {port} within {seconds:.0f} s")
+    raise BrowserCheckFailed(f"JupyterLab did not listen on port {port} within {seconds:.0f} s")
 
 
 def widget_image(page):
@@ -99,7 +115,7 @@ def wait_until_all_ran(page, timeout_s: float) -> None:
     page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=timeout_s * 1000)
 
 
-def report_failure(page) -> None:
+def report_failure(page, screenshot: Path) -> None:
     """Print what the page shows instead of the figure: errors, the interact widget, the kernel state."""
     for error in page.locator("[data-mime-type='application/vnd.jupyter.stderr']").all():
         print("stderr output:", error.inner_text()[:800])
@@ -108,10 +124,12 @@ def report_failure(page) -> None:
     print(f"kernel {status}; interact widgets: {interact.count()}")
     if interact.count():
         print(interact.first.inner_text()[:800])
-    page.screenshot(path="browser_check_failure.png", full_page=True)
+    page.screenshot(path=str(screenshot), full_page=True)
 
 
-def check(chapter: str, slider: str, smoke: bool, timeout_s: float) -> None:
+def move_slider(chapter: str, slider: str, smoke: bool = True, timeout_s: float = 300,
+                failure_screenshot: Path = Path("browser_check_failure.png")) -> PlaygroundResult:
+    """JupyterLab on a copy of the chapter, Run All, move ``slider`` one notch right, wait for the new figure."""
     with tempfile.TemporaryDirectory() as tmp:
         name = prepared_copy(chapter, Path(tmp), smoke)
         port = free_port()
@@ -120,41 +138,47 @@ def check(chapter: str, slider: str, smoke: bool, timeout_s: float) -> None:
             wait_for_server(port)
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_FLAGS)
-                page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                page.goto(f"http://127.0.0.1:{port}/lab/tree/{name}")
-                page.locator(".jp-Notebook").wait_for(timeout=60_000)
-                accept_kernel_dialog(page)
-                page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=60_000)
-                start = time.perf_counter()
-                page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-                page.locator("[data-command='runmenu:run-all']").click()
                 try:
-                    widget_image(page).wait_for(timeout=timeout_s * 1000)
-                except PlaywrightTimeout:
-                    report_failure(page)
-                    raise
-                wait_until_all_ran(page, timeout_s)
-                print(f"{name}: Run All, every cell done and the playground drawn: {time.perf_counter() - start:.1f} s")
-                before = widget_image(page).get_attribute("src")
-                label = page.locator(".widget-label", has_text=re.compile(f"^{re.escape(slider)}$"))
-                row = page.locator(".widget-interact .widget-slider", has=label).first
-                readout = row.locator(".widget-readout")
-                old_value = readout.inner_text().strip()
-                row.locator(".noUi-handle").first.focus()
-                start = time.perf_counter()
-                page.keyboard.press("ArrowRight")
-                page.wait_for_function("([sel, old]) => { const i = [...document.querySelectorAll(sel)].pop();"
-                                       " return i && i.src !== old; }", arg=[".widget-interact img", before],
-                                       timeout=timeout_s * 1000)
-                seconds = time.perf_counter() - start
-                new_value = readout.inner_text().strip()
-                if new_value == old_value:
-                    raise SystemExit(f"the slider {slider!r} still reads {old_value!r} after ArrowRight")
-                print(f"{name}: slider {slider!r} {old_value} → {new_value}: new figure after {seconds:.2f} s")
-                browser.close()
+                    return _drive(browser.new_page(viewport={"width": 1400, "height": 1000}), port, name, slider,
+                                  timeout_s, failure_screenshot)
+                finally:
+                    browser.close()
         finally:
             lab.terminate()
             lab.wait(timeout=30)
+
+
+def _drive(page, port: int, name: str, slider: str, timeout_s: float, failure_screenshot: Path) -> PlaygroundResult:
+    page.goto(f"http://127.0.0.1:{port}/lab/tree/{name}")
+    page.locator(".jp-Notebook").wait_for(timeout=60_000)
+    accept_kernel_dialog(page)
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=60_000)
+    start = time.perf_counter()
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator("[data-command='runmenu:run-all']").click()
+    try:
+        widget_image(page).wait_for(timeout=timeout_s * 1000)
+    except PlaywrightTimeout:
+        report_failure(page, failure_screenshot)
+        raise
+    wait_until_all_ran(page, timeout_s)
+    run_all_s = time.perf_counter() - start
+    before = widget_image(page).get_attribute("src")
+    label = page.locator(".widget-label", has_text=re.compile(f"^{re.escape(slider)}$"))
+    row = page.locator(".widget-interact .widget-slider", has=label).first
+    readout = row.locator(".widget-readout")
+    old_value = readout.inner_text().strip()
+    row.locator(".noUi-handle").first.focus()
+    start = time.perf_counter()
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function("([sel, old]) => { const i = [...document.querySelectorAll(sel)].pop();"
+                           " return i && i.src !== old; }", arg=[".widget-interact img", before],
+                           timeout=timeout_s * 1000)
+    redraw_s = time.perf_counter() - start
+    new_value = readout.inner_text().strip()
+    if new_value == old_value:
+        raise BrowserCheckFailed(f"the slider {slider!r} still reads {old_value!r} after ArrowRight")
+    return PlaygroundResult(name, run_all_s, slider, old_value, new_value, redraw_s)
 
 
 if __name__ == "__main__":
@@ -164,4 +188,9 @@ if __name__ == "__main__":
     parser.add_argument("--full", action="store_true", help="run at default parameters instead of SMOKE")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for each figure")
     args = parser.parse_args()
-    check(args.chapter, args.slider, not args.full, args.timeout)
+    try:
+        r = move_slider(args.chapter, args.slider, not args.full, args.timeout)
+    except BrowserCheckFailed as exc:
+        raise SystemExit(str(exc)) from None
+    print(f"{r.notebook}: Run All, every cell done and the playground drawn: {r.run_all_s:.1f} s")
+    print(f"{r.notebook}: slider {r.slider!r} {r.old_value} → {r.new_value}: new figure after {r.redraw_s:.2f} s")
