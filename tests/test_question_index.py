@@ -80,3 +80,9 @@ def test_a_renamed_section_is_reported_not_linked():
     chapter = next(iter(qi.chapters().values()))
     with pytest.raises(LookupError, match="no section heading containing"):
         qi.find_section(chapter, "a heading nobody wrote")
+
+
+@pytest.mark.parametrize("page", sorted((ROOT / "docs").glob("*.md")), ids=lambda p: p.name)
+def test_docs_pages_link_only_to_existing_notebooks_and_pages(page):
+    for target in re.findall(r"\]\(([^)#\s]+\.(?:ipynb|md))(?:#[^)\s]*)?\)", page.read_text(encoding="utf-8")):
+        assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
