@@ -122,6 +122,11 @@ def book_links(markdown: str, built: dict[str, list[str]]) -> str:
     return _INDEX_LINK.sub(replace, markdown)
 
 
+def has_figures(path: Path) -> bool:
+    nb = nbformat.read(path, as_version=4)
+    return any("image/png" in out.get("data", {}) for c in nb.cells if c.cell_type == "code" for out in c.outputs)
+
+
 def headings(path: Path) -> list[str]:
     nb = nbformat.read(path, as_version=4)
     return [re.sub(r"[*_`]", "", m.group(1)).strip() for c in nb.cells if c.cell_type == "markdown"
@@ -138,7 +143,8 @@ def build(chapters: list[str] | None, out: Path, smoke: bool, executed: Path | N
         target = src / path.name
         if executed:
             shutil.copy(executed / path.name, target)
-            print(f"{path.stem}: taken from {executed}", flush=True)
+            note = "" if has_figures(target) else " (no figures in it: was it run under MPLBACKEND=Agg?)"
+            print(f"{path.stem}: taken from {executed}{note}", flush=True)
         else:
             seconds, error = execute(path, target, smoke, timeout)
             print(f"{path.stem}: executed in {seconds:.1f} s" + (f" — FAILED: {error}" if error else ""), flush=True)
