@@ -1,7 +1,8 @@
 """Benchmarks for chapters 04 (replay) and 05 (GEM / A-GEM): the numbers the issue's budget asks for.
 
 Prints: the cost of one step of each method relative to a naive step (batch 10, MLP 784-100-100-10, the
-chapter-05 protocol) for K = 1..5 old tasks; the seconds of one new playground point of each chapter; and
+chapter-05 protocol) for K = 1..5 old tasks, and the samples each step sends through the network; the seconds
+of one new playground point of each chapter; and
 the per-step cost of ER with each buffer policy relative to naive on the chapter-04 setting. Wall-clock
 numbers on a shared machine are noisy: read the ratios, and rerun on a quiet machine for absolute times.
 
@@ -20,6 +21,8 @@ def main() -> None:
     print("== chapter 05: one training step, relative to a naive step (best of 30, round-robin) ==")
     cost = ch05.step_cost([1, 2, 3, 4, 5], memory_per_task=256, repeats=30)
     print(cost.pivot(index="K", columns="method", values="ratio to naive").round(2).to_string())
+    print("samples sent through the network per step (load-independent):")
+    print(cost.pivot(index="K", columns="method", values="samples per step").to_string())
     ratio = cost.set_index(["K", "method"])["ratio to naive"]
     print(f"budget: A-GEM step ≤ 2.5× naive → measured {ratio[(5, 'A-GEM')]:.2f}× at K = 5")
     print(f"budget: GEM step at K = 5 ≤ 4× naive → measured {ratio[(5, 'GEM')]:.2f}× (256 memories per task), "

@@ -13,6 +13,7 @@ import torch
 from cl_lab import _validate, data, models, train
 from cl_lab.methods.base import Context, Method, Naive
 from cl_lab.methods.projection import AGEM, GEM, agem_project, gem_project
+from cl_lab.methods.replay import ER
 
 
 @functools.lru_cache(maxsize=8)
@@ -93,8 +94,10 @@ def step_cost(ks: list[int], *, memory_per_task: int = 256, batch_size: int = 10
               repeats: int = 30, remeasure_above: dict[str, float] | None = None,
               max_rounds: int = 3) -> pd.DataFrame:
     """Best-of-``repeats`` seconds of one training step (forward, backward, projection, SGD step) with K old tasks in
-    memory, for naive, A-GEM (g_ref on a batch-size draw), GEM on whole memories (the paper) and GEM on a
-    batch-size draw per task. Rows: K, method, seconds, ratio to naive.
+    memory, for naive, ER (half of each batch from a reservoir of K·``memory_per_task``), A-GEM (g_ref on a
+    batch-size draw), GEM on whole memories (the paper) and GEM on a batch-size draw per task. Rows: K, method,
+    seconds, ratio to naive, and the samples the step sends through the network (counted by a forward hook,
+    every forward pass summed: the robust quantity that load cannot change).
 
     Load elsewhere on the machine only adds time, and a burst of it can outlast one round. With
     ``remeasure_above`` ({method name: ratio to naive at the largest K}), a round whose ratios exceed a bound is
@@ -103,10 +106,11 @@ def step_cost(ks: list[int], *, memory_per_task: int = 256, batch_size: int = 10
     _validate.positive_int("repeats", repeats)
     _validate.positive_int("max_rounds", max_rounds)
     setups = _cost_setups(ks, memory_per_task, batch_size, hidden)
+    samples = [_samples_per_step(*setup[1:]) for setup in setups]
     best = [float("inf")] * len(setups)
     for round_ in range(1, max_rounds + 1):
         best = [min(b, t) for b, t in zip(best, _time_round(setups, repeats), strict=True)]
-        table = _cost_table(setups, best)
+        table = _cost_table(setups, best, samples)
         over = _over_bounds(table, remeasure_above or {})
         if not over:
             break
@@ -123,18 +127,33 @@ def _cost_setups(ks: list[int], memory_per_task: int, batch_size: int, hidden) -
     setups = []
     for k in ks:
         task = stream.tasks[k]
-        batch = (task.x_train[:batch_size], task.y_train[:batch_size], task.t_train[:batch_size])
+        batch = task.sample(batch_size, seed=k)  # a seeded random draw: x [B, D], y [B], t [B]
         sampled_gem = GEM(memory_per_task, memory_batch=batch_size)
         sampled_gem.name = f"GEM ({batch_size} memories per task per step)"
-        for method in (Naive(), AGEM(memory_per_task), GEM(memory_per_task), sampled_gem):
+        replay = ER(memory_per_task * k)
+        for old in stream.tasks[:k]:
+            replay.buffer.add(*old.sample(memory_per_task, seed=old.id))
+        for method in (Naive(), replay, AGEM(memory_per_task), GEM(memory_per_task), sampled_gem):
             ctx = _context(model, stream, k)
             for old in stream.tasks[:k]:
                 ctx.task = old
-                method.on_task_end(ctx)
+                if not isinstance(method, ER):  # ER's reservoir is filled above
+                    method.on_task_end(ctx)
             ctx.task = task
             train._train_step(ctx, [method], *batch)  # warm-up
             setups.append((k, method, ctx, batch))
     return setups
+
+
+def _samples_per_step(method: Method, ctx: Context, batch: tuple) -> int:
+    """Rows that one training step sends through the network, summed over its forward passes."""
+    rows = []
+    hook = ctx.model.register_forward_pre_hook(lambda _module, args: rows.append(len(args[0])))
+    try:
+        train._train_step(ctx, [method], *batch)
+    finally:
+        hook.remove()
+    return sum(rows)
 
 
 def _time_round(setups: list[tuple], repeats: int) -> list[float]:
@@ -148,9 +167,9 @@ def _time_round(setups: list[tuple], repeats: int) -> list[float]:
     return [float(np.min(ts)) for ts in times]
 
 
-def _cost_table(setups: list[tuple], seconds: list[float]) -> pd.DataFrame:
-    table = pd.DataFrame([{"K": k, "method": method.name, "seconds": s}
-                          for (k, method, _, _), s in zip(setups, seconds, strict=True)])
+def _cost_table(setups: list[tuple], seconds: list[float], samples: list[int]) -> pd.DataFrame:
+    table = pd.DataFrame([{"K": k, "method": method.name, "seconds": s, "samples per step": n}
+                          for (k, method, _, _), s, n in zip(setups, seconds, samples, strict=True)])
     naive = table[table.method == "naive"].set_index("K").seconds
     table["ratio to naive"] = table.seconds / table.K.map(naive)
     return table

@@ -17,8 +17,8 @@ from cl_lab.chapters.ch02 import mnist
 from cl_lab.data.streams import Stream, Task
 from cl_lab.device import seed_everything
 from cl_lab.methods.base import Context, Method
-from cl_lab.methods.isolation import PackNet, ProgNN, ProgressiveNet, prognn_parameter_count
-from cl_lab.methods.lora import lora_parameter_count
+from cl_lab.methods.isolation import FREE, PackNet, ProgNN, ProgressiveNet
+from cl_lab.methods.lora import LoRAModel
 from cl_lab.methods.projection import AGEM
 from cl_lab.methods.regularization import EWC, SI
 from cl_lab.methods.replay import ER
@@ -48,21 +48,30 @@ class OutputRecorder(Method):
 
 def parameter_growth(n_tasks: int = 10, in_dim: int = 784, hidden: Sequence[int] = (100, 100), n_out: int = 10,
                      prune_ratio: float = 0.5, rank: int = 4) -> pd.DataFrame:
-    """Parameters held after each number of tasks: ProgNN with and without laterals, PackNet (fixed, with
-    the share of free weights left), and a frozen MLP plus one rank-``rank`` LoRA adapter per task."""
+    """Parameters held after each number of tasks, counted on built models (``p.numel()`` summed): a
+    ProgressiveNet with and without laterals grown one column per task, PackNet's fixed MLP (with the share
+    of free weights p^k it leaves, the one column not counted), and a frozen MLP plus one rank-``rank``
+    LoRA adapter set per task."""
     _validate.positive_int("n_tasks", n_tasks)
     _validate.in_range("prune_ratio", prune_ratio, 0.0, 1.0, high_open=True)
-    dims = [in_dim, *hidden, n_out]
-    mlp = prognn_parameter_count(in_dim, hidden, n_out, 1, lateral=False)
+    lateral = ProgressiveNet(in_dim, hidden, n_out, lateral=True)
+    independent = ProgressiveNet(in_dim, hidden, n_out, lateral=False)
+    mlp = models.MLP(in_dim, hidden, n_out)
+    adapters = LoRAModel(mlp, rank=rank)  # a copy of the MLP, frozen, with one adapter set
     rows = []
     for k in range(1, n_tasks + 1):
-        rows.append({"tasks": k,
-                     "ProgNN": prognn_parameter_count(in_dim, hidden, n_out, k, lateral=True),
-                     "independent columns": prognn_parameter_count(in_dim, hidden, n_out, k, lateral=False),
-                     "PackNet": mlp,
-                     "PackNet free share": prune_ratio ** k,
-                     f"MLP + LoRA r={rank}": mlp + k * lora_parameter_count(dims, rank)})
+        if k > 1:
+            lateral.add_column()
+            independent.add_column()
+            adapters.add_adapter()
+        rows.append({"tasks": k, "ProgNN": _numel(lateral), "independent columns": _numel(independent),
+                     "PackNet": _numel(mlp), "PackNet free share": prune_ratio ** k,
+                     f"MLP + LoRA r={rank}": _numel(adapters)})
     return pd.DataFrame(rows)
+
+
+def _numel(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def plot_parameter_growth(table: pd.DataFrame):
@@ -95,6 +104,43 @@ def few_shot_later_tasks(stream: Stream, n_train: int, seed: int = 0) -> Stream:
                   stream.input_shape)
 
 
+class ProgNNRandomFirstColumn(ProgNN):
+    """Null control for lateral transfer: ProgNN whose first column is re-initialised (random, untrained
+    features) when the second task starts, so later columns' laterals read features that learned nothing."""
+
+    name = "prognn (random first column)"
+
+    def on_task_start(self, ctx: Context) -> None:
+        if ctx.task_index == 1 and isinstance(ctx.model, ProgressiveNet):
+            first = ctx.model.columns[0]
+            for layer in [*first.layers, first.head]:
+                layer.reset_parameters()  # from the global RNG: seeded by the caller
+        super().on_task_start(ctx)
+
+
+LATERAL_ARMS = ("no laterals", "laterals from a random column", "laterals from the trained column")
+
+
+def lateral_transfer(stream: Stream, seeds: Sequence[int], *, n_few: int = 30, hidden: Sequence[int] = (100, 100),
+                     steps: int = 50, device: torch.device | str = "cpu") -> pd.DataFrame:
+    """Mean accuracy on the later (few-shot) tasks right after learning each, per seed, for three progressive
+    nets: independent columns, laterals from a re-initialised first column (the null control: laterals add
+    parameters and random features even when nothing transfers), and laterals from the trained first column."""
+    rows = []
+    for seed in seeds:
+        few = few_shot_later_tasks(stream, n_train=n_few, seed=seed)
+        row = {"seed": seed}
+        for arm, lateral, method in zip(LATERAL_ARMS, (False, True, True),
+                                        (ProgNN, ProgNNRandomFirstColumn, ProgNN), strict=True):
+            seed_everything(seed)
+            net = ProgressiveNet(few.input_dim, hidden, few.n_out, lateral=lateral)
+            run = train.fit(net, few, method(), steps=steps, batch_size=32, seed=seed, device=device,
+                            progress=False)
+            row[arm] = float(run.R.diagonal()[1:].mean())
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("seed")
+
+
 @lru_cache(maxsize=4)
 def _split_mnist_task_il(n_tasks: int) -> Stream:
     return data.split_mnist(n_tasks, scenario="task")
@@ -111,8 +157,15 @@ def prune_ratio_point(prune_ratio: float, n_tasks: int = 5, steps: int = 40, ret
     run = train.fit(models.MLP(stream.input_dim, hidden, stream.n_out), stream, method, steps=steps, seed=seed,
                     progress=False)
     return {"prune_ratio": prune_ratio, "just_learned": run.R.diagonal().copy(), "final": run.R[-1].copy(),
-            "trainable_share": np.array([prune_ratio ** k for k in range(n_tasks)]),
-            "free_left": method.free_fraction()}
+            "trainable_share": trainable_shares(method, n_tasks), "free_left": method.free_fraction()}
+
+
+def trainable_shares(method: PackNet, n_tasks: int) -> np.ndarray:
+    """Share of the shared-out weights each task could train, read from the final owner map: the weights no
+    earlier task holds (owned by task k or later, or still free). [n_tasks]"""
+    total = sum(o.numel() for o in method.owner.values())
+    return np.array([sum(((o == FREE) | (o >= k)).sum().item() for o in method.owner.values()) / total
+                     for k in range(n_tasks)])
 
 
 def plot_prune_ratio(result: dict):
@@ -161,8 +214,8 @@ def route_by_class_means(stream: Stream, x: torch.Tensor) -> torch.Tensor:
 
 def task_inference(task_logits: TaskLogits, stream: Stream, device: torch.device | str = "cpu") -> pd.DataFrame:
     """Class-IL evaluation of a Task-IL model on every task's test set: route each input to a task, then take
-    that task's best class. One row per router (the true id, confidence, class means): task-id accuracy and
-    Class-IL accuracy. ``device``: where the model lives."""
+    that task's best class. One row per router (the true id, confidence, class means): task-id accuracy,
+    Class-IL accuracy and the share of inputs sent to the first task. ``device``: where the model lives."""
     x = torch.cat([task.x_test for task in stream.tasks])  # [N, D]
     y = torch.cat([task.y_test for task in stream.tasks])  # [N]
     true_task = torch.cat([task.t_test() for task in stream.tasks])  # [N]
@@ -172,7 +225,8 @@ def task_inference(task_logits: TaskLogits, stream: Stream, device: torch.device
     routers = {"true task id (Task-IL)": true_task, "most confident head": route_by_confidence(per_task),
                "nearest class-mean image": route_by_class_means(stream, x)}
     rows = [{"router": name, "task id right": (task == true_task).float().mean().item(),
-             "accuracy": (prediction[task, torch.arange(len(x))] == y).float().mean().item()}
+             "accuracy": (prediction[task, torch.arange(len(x))] == y).float().mean().item(),
+             "sent to task 1": (task == stream.tasks[0].id).float().mean().item()}
             for name, task in routers.items()]
     return pd.DataFrame(rows).set_index("router")
 
@@ -193,26 +247,43 @@ def _family_method(name: str, setting: float | None, seed: int) -> Method | None
     return makers[name]()
 
 
-def _stored_numbers(method: Method | None, model: torch.nn.Module, plain_params: int) -> int:
-    """Numbers a method keeps besides one plain network, after the last task (data, anchors, masks, columns)."""
-    if isinstance(method, EWC):
-        return method.stored_floats()  # a Fisher and an anchor per task
-    if isinstance(method, SI):
-        return sum(v.numel() for v in (*method.importance.values(), *method.anchor.values()))  # Ω and θ̃
-    if isinstance(method, ER):
-        return method.buffer.x.numel() + method.buffer.y.numel()
-    if isinstance(method, AGEM):
-        return sum(x.numel() + y.numel() for x, y, _ in method.memories)
-    if isinstance(method, PackNet):
-        return sum(owner.numel() for owner in method.owner.values())  # one small owner id per hidden weight
-    return sum(p.numel() for p in model.parameters()) - plain_params  # ProgNN's extra columns and laterals
+def held_numbers(obj: object, exclude: Sequence[torch.Tensor] = ()) -> int:
+    """Numbers in every tensor ``obj`` holds, found through its attributes, dicts, lists and tuples and the
+    cl_lab objects it owns (a replay buffer). A storage shared by several tensors (views) counts once; one
+    shared with ``exclude`` (the model's own parameters) not at all."""
+    counted = {t.untyped_storage().data_ptr() for t in exclude}
+    visited, todo, total = set(), [obj], 0
+    while todo:
+        item = todo.pop()
+        if id(item) in visited:
+            continue
+        visited.add(id(item))
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            if storage.data_ptr() not in counted:
+                counted.add(storage.data_ptr())
+                total += storage.nbytes() // item.element_size()
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            todo.extend(item)
+        elif type(item).__module__.startswith("cl_lab") and hasattr(item, "__dict__"):
+            todo.extend(vars(item).values())
+    return total
+
+
+def _held_besides_network(method: Method | None, model: torch.nn.Module, plain_params: int) -> int:
+    """Numbers kept besides one plain network after the last task: the model's extra parameters (ProgNN's
+    columns and laterals) plus every tensor the method object holds (data, Fishers, anchors, masks, caches)."""
+    extra = _numel(model) - plain_params
+    return extra + (0 if method is None else held_numbers(method, exclude=list(model.parameters())))
 
 
 @lru_cache(maxsize=64)
 def family_point(name: str, setting: float | None = None, steps: int = 100, hidden: tuple[int, ...] = (100, 100),
                  seed: int = 0, device: str = "cpu") -> dict:
     """One method on five-task permuted MNIST in Task-IL: AA, BWT, plasticity (mean accuracy on each task
-    right after learning it), the numbers it stores besides the network, and whether it keeps raw data."""
+    right after learning it), the numbers it holds besides the network (measured), and whether it keeps raw data."""
     _validate.one_of("name", name, FAMILY_SETTINGS)
     stream = data.permuted(mnist(), 5, "task")
     plain = models.MLP(stream.input_dim, hidden, stream.n_out)
@@ -221,11 +292,11 @@ def family_point(name: str, setting: float | None = None, steps: int = 100, hidd
              else models.MLP(stream.input_dim, hidden, stream.n_out))
     method = _family_method(name, setting, seed)
     run = train.fit(model, stream, method, steps=steps, seed=seed, device=device, progress=False)
-    plain_params = sum(p.numel() for p in plain.parameters())
+    plain_params = _numel(plain)
     family, label = FAMILY_SETTINGS[name]
     return {"family": family, "method": label.format(setting), "AA": run.aa,
             "BWT": run.bwt, "plasticity": float(run.R.diagonal().mean()),
-            "stored / network": _stored_numbers(method, model, plain_params) / plain_params,
+            "held / network": _held_besides_network(method, model, plain_params) / plain_params,
             "keeps raw data": family == "replay"}
 
 

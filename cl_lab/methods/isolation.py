@@ -236,6 +236,7 @@ class PackNet(Method):
         self._freeze_all_but_task(ctx)  # pruned weights are now free and held at zero
         self._retrain(ctx)
         self.trained_tasks = ctx.task_index + 1
+        self._trainable, self._snapshot = {}, {}  # training state: between tasks PackNet keeps only ``owner``
 
     # --- prediction ---------------------------------------------------------------------------------
     def check_task_id(self, task_id: int) -> int:

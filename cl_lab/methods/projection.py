@@ -204,6 +204,8 @@ class AGEM(_EpisodicMemory):
     def on_task_end(self, ctx: Context) -> None:
         super().on_task_end(ctx)
         self._union = tuple(torch.cat(parts) for parts in zip(*self.memories, strict=True))  # x, y, t
+        sizes = [len(y) for _, y, _ in self.memories]
+        self.memories = list(zip(*(part.split(sizes) for part in self._union), strict=True))  # views: held once
 
     def reference_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``n`` samples drawn at random from the union of all memories."""
