@@ -1,10 +1,12 @@
 """Class-IL head-bias remedies: NME is the nearest class mean, WA equalises norms, ER-ACE masks, BiC corrects."""
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from matplotlib.colors import to_rgba
 from torch import nn
 
 from cl_lab import data, models, train
@@ -124,9 +126,25 @@ def test_diagnostics_and_widget_point():
     n_test = sum(len(task.y_test) for task in ch07._class_il_stream(5).eval_tasks)
     assert result["confusion"].sum() == n_test
     assert 0 <= result["pred_new_share"] <= 1 and result["norms"].shape == (10,)
-    assert ch07.plot_remedy_point(result) is not None
     with pytest.raises(ValueError, match="remedy"):
         ch07.remedy_point("unknown", 50)
+
+
+def test_remedy_figure_shows_the_norms_the_confusion_and_the_numbers():
+    result = ch07.remedy_point("er", 50, steps=3, hidden=(16,))
+    fig = ch07.plot_remedy_point(result)
+    norms_ax, confusion_ax = fig.axes
+    bars = norms_ax.patches
+    assert [b.get_height() for b in bars] == pytest.approx(result["norms"].tolist())
+    red = to_rgba("tab:red")
+    assert [c for c, b in enumerate(bars) if b.get_facecolor() == red] == result["new_classes"] == [8, 9]
+    assert f"logit old {result['mean_logit_old']:.1f} / new {result['mean_logit_new']:.1f}" in norms_ax.get_title()
+    assert f"AA = {result['AA']:.3f}" in fig._suptitle.get_text()
+    assert f"acc {result['accuracy']:.2f}" in confusion_ax.get_title()
+    shown = confusion_ax.images[0].get_array()  # row-normalised confusion: each true class sums to 1
+    assert shown.shape == (10, 10) and np.allclose(shown.sum(1), 1.0)
+    expected = result["confusion"] / result["confusion"].sum(1, keepdims=True)
+    assert np.allclose(shown, expected)
 
 
 def test_remedy_widget_moves_headlessly(monkeypatch):
@@ -143,3 +161,19 @@ def test_remedy_widget_moves_headlessly(monkeypatch):
     assert widget.result["remedy"] == "bic" and widget.result["buffer_size"] == 50
     widget.children[1].value = 100
     assert widget.result["buffer_size"] == 100 and len(widget.cache) == 3
+
+
+def test_aligned_copy_scales_only_the_copy_and_shrinks_negative_logits_towards_zero(stream):
+    model = models.MLP(stream.input_dim, (16,), stream.n_out)
+    with torch.no_grad():
+        model.head.weight[8:] *= 3.0  # longer new rows
+        model.head.bias.fill_(-5.0)  # every logit negative on typical inputs
+    before = model.head.weight.detach().clone()
+    aligned, gamma = ch07.aligned_copy(model, stream)
+    assert torch.equal(model.head.weight, before)  # the original is untouched
+    norms = aligned.head.weight.norm(dim=1)
+    assert gamma < 1 and norms[8:].mean().item() == pytest.approx(norms[:8].mean().item(), rel=1e-5)
+    logits, scaled = ch07.old_input_logits(model, stream), ch07.old_input_logits(aligned, stream)
+    assert logits["new logits"] < 0 and scaled["new logits"] == pytest.approx(gamma * logits["new logits"], rel=1e-4)
+    assert scaled["new logits"] > logits["new logits"]  # γ < 1 raises a negative logit
+    assert scaled["best old logit"] == logits["best old logit"]

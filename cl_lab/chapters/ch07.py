@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 
 import matplotlib.pyplot as plt
@@ -13,7 +14,7 @@ from cl_lab import data, models, train
 from cl_lab.data.streams import Stream
 from cl_lab.device import seed_everything
 from cl_lab.methods.base import Method, Naive
-from cl_lab.methods.head_bias import head_rows, make_remedy, seen_classes
+from cl_lab.methods.head_bias import align_weights, head_rows, make_remedy, seen_classes
 
 
 @torch.no_grad()
@@ -44,6 +45,26 @@ def diagnose(model: nn.Module, stream: Stream, method: Method | None = None) -> 
             "mean_logit_old": raw[:, old].mean().item(), "mean_logit_new": raw[:, new].mean().item(),
             "confusion": confusion.numpy(), "pred_new_share": torch.isin(pred, torch.tensor(new, device=device))
             .float().mean().item(), "accuracy": (pred == y).float().mean().item(), "new_classes": new}
+
+
+def aligned_copy(model: nn.Module, stream: Stream) -> tuple[nn.Module, float]:
+    """A copy of ``model`` whose head has had Weight Aligning applied for the last task of ``stream``
+    (the new rows scaled by γ = mean old norm / mean new norm); the model itself is untouched. Returns (copy, γ)."""
+    aligned = copy.deepcopy(model)
+    gamma = align_weights(head_rows(aligned), seen_classes(stream, len(stream) - 2), list(stream.tasks[-1].classes))
+    return aligned, gamma
+
+
+@torch.no_grad()
+def old_input_logits(model: nn.Module, stream: Stream) -> dict:
+    """On the test digits of the old classes (every task but the last): the mean of the best old-class logit and
+    the mean of the new classes' logits. Their signs decide what scaling the new rows does."""
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.cat([task.x_test for task in stream.eval_tasks[:-1]]).to(device)
+    raw = model(x)  # [N, C]
+    old, new = seen_classes(stream, len(stream) - 2), list(stream.tasks[-1].classes)
+    return {"best old logit": raw[:, old].max(1).values.mean().item(), "new logits": raw[:, new].mean().item()}
 
 
 def plot_diagnostics(diags: dict[str, dict], figsize_per: float = 3.0):
