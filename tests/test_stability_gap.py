@@ -5,6 +5,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from cl_lab import data, models, train
 from cl_lab.chapters import ch08
@@ -98,14 +99,51 @@ def test_subsampling_an_every_step_run_equals_a_coarser_schedule():
     pd.testing.assert_frame_equal(sub, runs[3].curves.reset_index(drop=True))
 
 
-def test_widget_point_and_plots():
-    result = ch08.gap_point(eval_every=5, replay_ratio=0.5, steps=3, hidden=(8,))
-    assert set(result["curves"].step % 5) <= {0, result["curves"].step.max() % 5}
-    assert result["seen"]["WC-ACC"] >= result["truth"]["WC-ACC"]
-    assert ch08.plot_gap_point(result) is not None
-    runs = {"er": result["run"]}
-    assert ch08.plot_switch(runs) is not None
-    assert ch08.plot_worst_case({"er": ch08.gap_metrics(result["run"])}) is not None
+@pytest.fixture(scope="module")
+def gap_result():
+    return ch08.gap_point(eval_every=5, replay_ratio=0.5, steps=3, hidden=(8,))
+
+
+def test_widget_point_sees_only_its_schedule(gap_result):
+    assert set(gap_result["curves"].step % 5) <= {0, gap_result["curves"].step.max() % 5}
+    assert gap_result["seen"]["WC-ACC"] >= gap_result["truth"]["WC-ACC"]
+
+
+def test_gap_figure_draws_each_task_the_switches_and_both_wc_accs(gap_result):
+    ax = ch08.plot_gap_point(gap_result).axes[0]
+    run, curves = gap_result["run"], gap_result["curves"]
+    task_lines = [line for line in ax.lines if line.get_label().startswith("task")]
+    assert [line.get_label() for line in task_lines] == [f"task {j + 1}" for j in range(5)]
+    for j, line in enumerate(task_lines):
+        assert list(line.get_xdata()) == curves[curves.task == j].step.tolist()  # only the schedule's evaluations
+    switches = [line.get_xdata()[0] for line in ax.lines if not line.get_label().startswith("task")]
+    assert switches == run.boundaries[1:]
+    title = ax.get_title()
+    assert f"WC-ACC {gap_result['seen']['WC-ACC']:.3f}" in title and "evaluated every 5 steps" in title
+    assert f"(every step: {gap_result['truth']['WC-ACC']:.3f})" in title
+
+
+def test_switch_figure_has_one_line_per_run_centred_on_the_switch(gap_result):
+    run = gap_result["run"]
+    ax = ch08.plot_switch({"a": run, "b": run}, task=1, window=(-2, 4))
+    curves = [line for line in ax.lines if line.get_label() in ("a", "b")]
+    assert [line.get_label() for line in curves] == ["a", "b"]
+    switch = run.boundaries[2]
+    expected = run.curves[(run.curves.task == 1) & run.curves.step.between(switch - 2, switch + 4)]
+    assert list(curves[0].get_xdata()) == (expected.step - switch).tolist()
+    assert list(curves[0].get_ydata()) == expected.accuracy.tolist()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+    assert "task 3" in ax.get_xlabel() and "task 2" in ax.get_ylabel()
+
+
+def test_worst_case_figure_pairs_the_two_views_per_method():
+    table = ch08.gap_metrics(_hand_made_run())
+    ax = ch08.plot_worst_case({"hand": table, "twice": table * 2})
+    heights = [bar.get_height() for bar in ax.patches]
+    end_view, worst = table["forgetting (end-of-task view)"].mean(), table["forgetting (worst case)"].mean()
+    assert heights == pytest.approx([end_view, 2 * end_view, worst, 2 * worst])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["hand", "twice"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["seen at task ends", "worst case during training"]
 
 
 def test_gap_widget_moves_headlessly(monkeypatch):
@@ -123,3 +161,35 @@ def test_gap_widget_moves_headlessly(monkeypatch):
     assert widget.result["eval_every"] == 5 and widget.result["seen"]["WC-ACC"] >= truth
     assert widget.result["run"] is widget.cache.get(ch08.gap_point, {"steps": 3, "hidden": (8,), "eval_every": 1,
                                                                       "replay_ratio": 0.5})["run"]
+
+
+def test_null_stream_repeats_one_task_with_a_fair_test_draw():
+    digits = data.load("digits")
+    null = ch08.null_stream(digits, 3, test_samples=40, seed=1)
+    assert null.scenario == "domain" and len(null) == 3 and null.n_out == 10
+    first = null.tasks[0]
+    key = torch.randn(first.x_train.shape[1], dtype=first.x_train.dtype)
+
+    def in_one_order(task):
+        order = (task.x_train @ key).argsort()
+        return task.x_train[order], task.y_train[order]
+
+    for task in null.tasks[1:]:  # the same training images (each task in its own order): nothing changes at a switch
+        assert not torch.equal(task.x_train, first.x_train)
+        assert all(torch.equal(a, b) for a, b in zip(in_one_order(task), in_one_order(first), strict=True))
+    assert [len(task.y_test) for task in null.tasks] == [40, 40, 40]
+    assert len(torch.unique(first.y_test)) >= 8  # a random draw, not the first digits of a sorted set
+    assert not torch.equal(null.tasks[0].y_test, null.tasks[1].y_test)  # each task draws its own
+    assert null.eval_tasks == null.tasks
+    with pytest.raises(ValueError, match="test_samples must be a positive int"):
+        ch08.null_stream(digits, 2, test_samples=0)
+
+
+def test_evaluation_overhead_times_both_sides_on_seeded_draws():
+    stream = data.split(data.load("digits"), n_tasks=5, scenario="class", n_train=60)
+    cost = ch08.evaluation_overhead(stream, (16,), batch_size=32, eval_samples=20, repeats=3)
+    assert cost["evaluated images"] == 5 * 20
+    assert cost["train step"] > 0 and cost["evaluation"] > 0
+    assert cost["ratio"] == pytest.approx(cost["evaluation"] / cost["train step"])
+    with pytest.raises(ValueError, match="repeats"):
+        ch08.evaluation_overhead(stream, (16,), repeats=0)
