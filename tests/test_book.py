@@ -6,6 +6,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from cl_lab import check
@@ -124,3 +125,16 @@ def test_chapter_page_shows_title_figure_and_claims_in_chromium(built):
         finally:
             browser.close()
     assert shot.stat().st_size > 0
+
+
+def test_a_failing_claim_runs_on_and_is_marked_failed_in_the_table(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("SMOKE = False", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("from cl_lab import check\ncheck.at_least(0.1, 0.5, 'a claim that broke')"),
+                nbformat.v4.new_code_cell("check.at_least(0.9, 0.5, 'a later claim')")]
+    nbformat.write(nb, tmp_path / "01_demo.ipynb")
+    _, error = book.execute(tmp_path / "01_demo.ipynb", tmp_path / "out.ipynb", smoke=False, timeout=120)
+    assert "a claim that broke" in error
+    table = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[-1].outputs[0]["data"]["text/html"]
+    assert table.count('class="claim-failed"') == 1 and table.count('class="claim-passed"') == 1
