@@ -152,6 +152,12 @@ def test_step_cost_counts_the_samples_each_step_sends_through_the_network():
                                         "GEM (10 memories per task per step)": 10 + 10}
     assert samples.loc[3].to_dict() == {"naive": 10, "ER": 10, "A-GEM": 20, "GEM": 10 + 3 * 24,
                                         "GEM (10 memories per task per step)": 10 + 3 * 10}
+    ax = ch05.plot_step_cost(table).axes[0]  # one line per method: its seconds ratio against K
+    lines = {line.get_label(): line for line in ax.lines}
+    assert set(lines) == set(table.method) and ax.get_xlabel() == "old tasks in memory K"
+    gem = table[table.method == "GEM"]
+    assert list(lines["GEM"].get_xdata()) == [1, 3]
+    assert lines["GEM"].get_ydata() == pytest.approx(gem["ratio to naive"].tolist())
 
 
 def test_agem_holds_its_memory_once_and_draws_g_ref_from_every_task():
