@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from functools import lru_cache
+from unittest import mock
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -154,9 +155,9 @@ def empirical_vs_exact(steps: tuple[int, ...] = (0, 20, 150, 600, 1200), label_n
                        scenario: str = "domain", hidden: tuple[int, ...] = (100, 100), seed: int = 0,
                        n_samples: int = 1000) -> pd.DataFrame:
     """The empirical Fisher (dataset labels) against the exact one (labels weighted by p(c|x)) on task 1 after
-    each number of training steps, computed on ``n_samples`` training samples the model has fitted and on the
-    held-out test set. One row per (steps, samples): accuracy (on the labels used), mean top probability,
-    Σ empirical / Σ exact, Spearman."""
+    each number of training steps, computed on a seeded random draw of ``n_samples`` training samples the model
+    has fitted and on the held-out test set. One row per (steps, samples): accuracy (on the labels used), mean
+    top probability, Σ empirical / Σ exact, Spearman."""
     _validate.one_of("scenario", scenario, SCENARIOS)
     if not 0.0 <= label_noise <= 1.0:
         raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
@@ -167,8 +168,7 @@ def empirical_vs_exact(steps: tuple[int, ...] = (0, 20, 150, 600, 1200), label_n
 
         def forward(xb, tb, model=model, stream=stream):
             return stream.mask_logits(model(xb), tb)
-        sets = {"training": (task.x_train[:n_samples], task.y_train[:n_samples], task.t_train[:n_samples]),
-                "held-out": (task.x_test, task.y_test, task.t_test())}
+        sets = {"training": task.sample(n_samples, seed), "held-out": (task.x_test, task.y_test, task.t_test())}
         for name, (x, y, t) in sets.items():
             est = {e: fisher.flatten(fisher.fisher_diagonal(model, x, y, t, estimate=e, forward=forward))
                    for e in ("exact", "empirical")}  # [P] each
@@ -180,6 +180,66 @@ def empirical_vs_exact(steps: tuple[int, ...] = (0, 20, 150, 600, 1200), label_n
                          "empirical / exact": (est["empirical"].sum() / est["exact"].sum()).item(),
                          "Spearman": spearmanr(est["empirical"].numpy(), est["exact"].numpy()).statistic})
     return pd.DataFrame(rows)
+
+
+def label_sorted_prefix(task: data.Task, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first ``n`` training samples of ``task`` once sorted by label, as the offline MNIST file stores its
+    images: x [n, D], y [n], t [n]. The wrong way to take a Fisher sample, kept to measure how wrong."""
+    _validate.positive_int("n", n)
+    order = torch.argsort(task.y_train, stable=True)[:n]  # [n]
+    return task.x_train[order], task.y_train[order], task.t_train[order]
+
+
+def fisher_sample_bias(model: torch.nn.Module, stream: Stream, n: int = 500, seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
+                       estimate: str = "exact") -> pd.DataFrame:
+    """The Fisher of task 1 on ``n`` samples against the Fisher on all its training samples: from the label-sorted
+    prefix, and from seeded random draws (the null control: what sampling alone costs). One row per sample: the
+    classes it holds, ‖F_n − F_all‖₂ / ‖F_all‖₂ and ΣF_n / ΣF_all."""
+    _validate.one_of("estimate", estimate, ESTIMATES)
+    task = stream.tasks[0]
+
+    def forward(xb, tb):
+        return stream.mask_logits(model(xb), tb)
+
+    def estimate_on(x, y, t):
+        return fisher.flatten(fisher.fisher_diagonal(model, x, y, t, estimate=estimate, forward=forward,
+                                                     generator=torch.Generator().manual_seed(0)))  # [P]
+
+    full = estimate_on(task.x_train, task.y_train, task.t_train)  # [P]
+    draws = {f"first {n}, label-sorted": label_sorted_prefix(task, n)}
+    draws |= {f"random {n}, seed {s}": task.sample(n, s) for s in seeds}
+    rows = []
+    for name, (x, y, t) in draws.items():
+        f = estimate_on(x, y, t)
+        rows.append({"sample": name, "classes": int(y.unique().numel()),
+                     "relative L2 error": ((f - full).norm() / full.norm()).item(),
+                     "mass": (f.sum() / full.sum()).item()})
+    return pd.DataFrame(rows).set_index("sample")
+
+
+def backward_calls(fn) -> int:
+    """How many backward passes ``fn()`` runs: calls of ``torch.autograd.grad`` and ``Tensor.backward``."""
+    with mock.patch.object(torch.autograd, "grad", wraps=torch.autograd.grad) as grad, \
+            mock.patch.object(torch.Tensor, "backward", autospec=True, side_effect=torch.Tensor.backward) as backward:
+        fn()
+    return grad.call_count + backward.call_count
+
+
+def floats_held(obj: object) -> int:
+    """Floats in every tensor reachable from ``obj``'s attributes through dicts, lists and tuples, each tensor
+    counted once: what a method actually keeps in memory, whatever it reports about itself."""
+    seen, total, todo = set(), 0, [vars(obj)]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, torch.Tensor):
+            if id(item) not in seen and item.is_floating_point():
+                seen.add(id(item))
+                total += item.numel()
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+    return total
 
 
 def plot_empirical_vs_exact(table: pd.DataFrame):
@@ -198,8 +258,7 @@ def plot_empirical_vs_exact(table: pd.DataFrame):
 def _consolidated(scenario, hidden, steps, seed, estimate, n_samples, split=2):
     stream, model = after_first_task(scenario, hidden, steps, seed, split)
     ewc = EWC(lam=1.0, fisher=estimate, n_samples=n_samples, seed=seed)
-    task = stream.tasks[0]
-    x, y, t = task.x_train[:n_samples], task.y_train[:n_samples], task.t_train[:n_samples]
+    x, y, t = stream.tasks[0].sample(n_samples, seed)
     ewc.consolidate(model, x, y, t, forward=lambda xb, tb: stream.mask_logits(model(xb), tb))
     return ewc
 
