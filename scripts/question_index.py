@@ -27,7 +27,7 @@ INDEX = ROOT / "docs" / "questions.md"
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$", re.MULTILINE)
 _DRILL = re.compile(r"(?:\*\*|<b>)\s*(L[123])\.\s*(?:\*\*|</b>)")
-_SECTION_REF = re.compile(r"\bsections?\s+(\d+)\b")
+_SECTION_REF = re.compile(r"\bsections?\s+(\d+)\b", re.IGNORECASE)
 
 
 @dataclass
