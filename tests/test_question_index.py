@@ -1,5 +1,5 @@
-"""docs/questions.md: complete (D1–D8, L1–L3 with follow-ups, every drill question), current, and every link lands
-on an existing notebook and an existing section heading in it."""
+"""docs/: the question index is complete (D1–D8, L1–L3 with follow-ups, every drill question) and current, every
+link lands on an existing notebook and section heading, and the workshop plans quote the README's run times."""
 
 import importlib.util
 import re
@@ -86,3 +86,10 @@ def test_a_renamed_section_is_reported_not_linked():
 def test_docs_pages_link_only_to_existing_notebooks_and_pages(page):
     for target in re.findall(r"\]\(([^)#\s]+\.(?:ipynb|md))(?:#[^)\s]*)?\)", page.read_text(encoding="utf-8")):
         assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
+def test_workshop_plans_quote_the_readme_run_times():
+    wt = _load("workshop_times")
+    times = wt.readme_times((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert len(times) >= 12, "the README's chapter table was not found"
+    assert wt.main(["--check"]) == 0, "run: python scripts/workshop_times.py"
