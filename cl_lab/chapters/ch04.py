@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cl_lab import _validate, data, models, train
-from cl_lab.methods.base import Method
+from cl_lab import _validate, data, models, timing, train
+from cl_lab.device import pick_device
+from cl_lab.methods.base import Context, Method
 from cl_lab.methods.generative import GenerativeReplay
-from cl_lab.methods.replay import DER, ER, POLICIES, ReplayBuffer
+from cl_lab.methods.replay import DER, ER, POLICIES, ReplayBuffer, replay_split
 
 
 @functools.lru_cache(maxsize=2)
@@ -131,26 +132,75 @@ def plot_playground(result: dict):
     return fig
 
 
-def compare_methods(factories: dict, seeds: tuple[int, ...], *, steps: int, hidden: tuple[int, ...]) -> pd.DataFrame:
-    """Final Class-IL accuracy of each named method factory over seeds."""
+def compare_methods(setups: dict, seeds: tuple[int, ...], *, steps: int, hidden: tuple[int, ...]) -> pd.DataFrame:
+    """Final Class-IL accuracy of each named (method factory, batch size) over seeds, with the training samples
+    each step sends through the network (counted by a forward hook over the whole run, so a method's real
+    budget is measured, not assumed). Rows: method, seed, accuracy, samples per step, seconds."""
     rows = []
-    for name, factory in factories.items():
+    for name, (factory, batch_size) in setups.items():
         for seed in seeds:
-            run = final_accuracy(factory(seed), steps=steps, hidden=hidden, seed=seed)
-            rows.append({"method": name, "seed": seed, "accuracy": run.aa, "seconds": run.seconds})
+            counted: list[int] = []
+            run = _counting_rows(counted, lambda: final_accuracy(factory(seed), steps=steps, hidden=hidden, seed=seed,
+                                                                 batch_size=batch_size))
+            rows.append({"method": name, "seed": seed, "accuracy": run.aa,
+                         "samples per step": sum(counted) / (steps * len(run.R)), "seconds": run.seconds})
     return pd.DataFrame(rows)
 
 
-def der_factories(buffer_size: int) -> dict:
-    return {"ER": lambda s: ER(buffer_size, seed=s),
-            "DER": lambda s: DER(buffer_size, alpha=0.5, seed=s),
-            "DER++": lambda s: DER(buffer_size, alpha=0.5, beta=0.5, seed=s)}
+def _counting_rows(counted: list[int], train_fn):
+    """Run ``train_fn`` while every forward pass of an ``models.MLP`` with gradients on (training, not
+    evaluation) appends its number of rows to ``counted``."""
+    def hook(module, args):
+        if torch.is_grad_enabled() and isinstance(module, models.MLP):
+            counted.append(len(args[0]))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        return train_fn()
+    finally:
+        handle.remove()
 
 
-def generative_factories(buffer_size: int) -> dict:
-    return {"GR, tiny VAE (latent 2, hidden 32)": lambda s: GenerativeReplay(hidden=32, latent=2, seed=s),
-            "GR, VAE (latent 16, hidden 200)": lambda s: GenerativeReplay(hidden=200, latent=16, seed=s),
-            f"ER, M = {buffer_size}": lambda s: ER(buffer_size, seed=s)}
+def der_setups(buffer_size: int, new: int = 64) -> dict:
+    """ER, DER and DER++ at equal samples per step (``new`` incoming + ``new`` from the buffer), then DER++ as
+    published (two full buffer draws) beside ER given the same 2·``new`` buffer samples.
+    Values: (method factory of the seed, batch size handed to the loop)."""
+    return {
+        f"ER ({new} + {new} replayed)": (lambda s: ER(buffer_size, replay_ratio=0.5, seed=s), 2 * new),
+        f"DER ({new} + {new} logits)": (lambda s: DER(buffer_size, alpha=0.5, seed=s), new),
+        f"DER++ ({new} + {new // 2} logits + {new // 2} labels)":
+            (lambda s: DER(buffer_size, alpha=0.5, beta=0.5, replay_batch=new // 2, seed=s), new),
+        f"DER++ as published ({new} + {new} + {new})": (lambda s: DER(buffer_size, alpha=0.5, beta=0.5, seed=s), new),
+        f"ER ({new} + {2 * new} replayed)": (lambda s: ER(buffer_size, replay_ratio=2 / 3, seed=s), 3 * new),
+    }
+
+
+def replay_step_cost(ratios: tuple[float, ...], *, buffer_size: int = 200, batch_size: int = 64,
+                     hidden: tuple[int, ...] = (100,), repeats: int = 20) -> pd.DataFrame:
+    """Cost of one ER training step (batch composition, forward, backward, Adam step) at each replay ratio, on
+    Class-IL split MNIST with a full buffer. Rows: replay_ratio, new samples and samples through the network per
+    step (counted by a forward hook: the quantity load cannot change), and the best seconds over ``repeats``
+    interleaved rounds (``timing.best_times``: load only ever adds time)."""
+    stream, device = class_il_stream(), pick_device("auto", verbose=False)
+    torch.manual_seed(0)
+    model = models.MLP(stream.input_dim, hidden, stream.n_out).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    task, batch = stream.tasks[1], (v.to(device) for v in stream.tasks[1].sample(batch_size, seed=1))
+    batch = tuple(batch)
+    steps, rows = {}, []
+    for r in ratios:
+        method = ER(buffer_size, replay_ratio=r)
+        method.buffer.add(*(v.to(device) for v in stream.tasks[0].sample(buffer_size, seed=0)))
+        ctx = Context(model, stream, task, 1, 0, 0, opt, device, batch_size, torch.Generator().manual_seed(0))
+        steps[r] = lambda ctx=ctx, method=method: train._train_step(ctx, [method], *batch)
+        counted: list[int] = []
+        _counting_rows(counted, steps[r])
+        rows.append({"replay_ratio": r, "new samples per step": replay_split(batch_size, r, buffer_size)[0],
+                     "samples through the network": sum(counted)})
+    best = timing.best_times({str(r): fn for r, fn in steps.items()}, repeats=repeats)
+    table = pd.DataFrame(rows).set_index("replay_ratio")
+    table["best ms per step"] = [1e3 * best[str(r)] for r in ratios]
+    return table
 
 
 def show_samples(method: GenerativeReplay, n: int = 16):
