@@ -1,7 +1,8 @@
 """Benchmarks for chapters 02–03: Fisher speed and exactness, method step costs, widget point latency.
 
-Run: python scripts/bench_ch02_03.py [--threads N]. Prints the measured numbers; on a shared machine read
-the ratios (method step ÷ naive step, loop ÷ batched) rather than the absolute times.
+Run: python scripts/bench_ch02_03.py [--threads N]. Prints the measured numbers. Every timing is the best of
+interleaved repeats (``cl_lab.timing.best_times``); on a shared machine read the ratios (method step ÷ naive step,
+loop ÷ batched) rather than the absolute times. Every sample is a seeded random draw (``Task.sample``).
 """
 
 from __future__ import annotations
@@ -11,17 +12,12 @@ import time
 
 import torch
 
-from cl_lab import fisher, models, train
+from cl_lab import fisher, models, timing, train
 from cl_lab.chapters import ch02, ch03
 
 
 def best_of(fn, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return timing.best_times({"fn": fn}, repeats=repeats, warmup=0)["fn"]
 
 
 def bench_fisher(hidden: tuple[int, ...], n: int = 1000) -> None:
@@ -30,14 +26,13 @@ def bench_fisher(hidden: tuple[int, ...], n: int = 1000) -> None:
     model = models.MLP(stream.input_dim, hidden, stream.n_out)
     first = ch03.first_task_only(stream)
     train.fit(model, first, steps=150, device="cpu", progress=False)
-    task = stream.tasks[0]
-    x, y = task.x_train[:n], task.y_train[:n]
+    x, y, _ = stream.tasks[0].sample(n, seed=0)
     for estimate in ("empirical", "exact"):
         batched = fisher.flatten(fisher.fisher_diagonal(model, x, y, estimate=estimate))
-        t_batched = best_of(lambda est=estimate: fisher.fisher_diagonal(model, x, y, estimate=est))
         start = time.perf_counter()
         loop = fisher.flatten(fisher.fisher_diagonal_loop(model, x, y, estimate=estimate))
-        t_loop = time.perf_counter() - start
+        t_loop = time.perf_counter() - start  # one run: the loop takes seconds
+        t_batched = best_of(lambda est=estimate: fisher.fisher_diagonal(model, x, y, estimate=est))
         err = ((batched - loop).abs().max() / loop.abs().max()).item()
         print(f"Fisher {estimate:>9} | MLP {hidden} | {n} samples | batched {t_batched:.4f} s | per-sample loop "
               f"{t_loop:.2f} s | speed-up {t_loop / t_batched:.0f}× | max rel. error {err:.1e}")
@@ -61,10 +56,11 @@ def bench_vmap(hidden: tuple[int, ...], n: int = 1000) -> None:
     stream = ch02.two_task_stream("domain")
     torch.manual_seed(0)
     model = models.MLP(stream.input_dim, hidden, stream.n_out)
-    x, y = stream.tasks[0].x_train[:n], stream.tasks[0].y_train[:n]
+    x, y, _ = stream.tasks[0].sample(n, seed=0)
     hooks = fisher.flatten(fisher.fisher_diagonal(model, x, y, estimate="empirical"))
-    t_hooks = best_of(lambda: fisher.fisher_diagonal(model, x, y, estimate="empirical"))
-    t_vmap = best_of(lambda: vmap_empirical_fisher(model, x, y))
+    seconds = timing.best_times({"hooks": lambda: fisher.fisher_diagonal(model, x, y, estimate="empirical"),
+                                 "vmap": lambda: vmap_empirical_fisher(model, x, y)}, repeats=3)
+    t_hooks, t_vmap = seconds["hooks"], seconds["vmap"]
     err = ((vmap_empirical_fisher(model, x, y) - hooks).abs().max() / hooks.abs().max()).item()
     print(f"per-sample machinery | MLP {hidden} | hooks {t_hooks:.4f} s | torch.func vmap {t_vmap:.4f} s | "
           f"vmap ÷ hooks {t_vmap / t_hooks:.1f} | max rel. difference {err:.1e}")
@@ -75,6 +71,7 @@ def bench_steps(steps: int = 300) -> None:
     for name, seconds in costs.items():
         print(f"step {name:>5}: {seconds * 1e3:.2f} ms | ÷ naive {seconds / costs['naive']:.2f}")
     print("budgets: EWC ≤ 1.3×, SI ≤ 1.5×")
+    print(ch03.consolidation_costs().round(2).to_string())
 
 
 def bench_widgets() -> None:

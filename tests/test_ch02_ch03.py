@@ -76,11 +76,11 @@ def test_summed_batch_recipe_is_predicted_fisher_at_batch_one_and_grows_with_b()
 
 
 def test_empirical_vs_exact_agree_untrained_and_part_once_the_model_has_fitted_its_samples():
-    table = ch02.empirical_vs_exact((0, 300), hidden=(32,), n_samples=200)
+    table = ch02.empirical_vs_exact((0, 800), hidden=(32,), n_samples=200)
     ratio = table.pivot(index="steps", columns="samples", values="empirical / exact")
     assert list(ratio.columns) == ["held-out", "training"]
     assert 0.8 <= ratio.loc[0, "training"] <= 1.25  # near-uniform p: any label is as likely as a sampled one
-    assert ratio.loc[300, "training"] < 0.5 * ratio.loc[0, "training"]  # fitted samples: ε² against ε
+    assert ratio.loc[800, "training"] < 0.5 * ratio.loc[0, "training"]  # fitted samples: ε² against ε
     with pytest.raises(ValueError, match="label_noise must be in \\[0, 1\\]"):
         ch02.empirical_vs_exact((0,), label_noise=1.5)
 
@@ -93,3 +93,50 @@ def test_mean_top_probability_is_one_over_c_for_a_constant_model_and_near_one_fo
     with torch.no_grad():
         model.bias[2] = 50.0
     assert ch03.mean_top_probability(model, torch.randn(10, 4)) == pytest.approx(1.0)
+
+
+def test_label_sorted_prefix_holds_the_first_labels_and_a_random_draw_does_not():
+    stream = ch02.two_task_stream("domain")
+    task = stream.tasks[0]
+    _, y, _ = ch02.label_sorted_prefix(task, 500)
+    assert y.unique().tolist() == [0, 1]  # 400 zeros, then ones
+    assert len(task.sample(500, seed=0)[1].unique()) == len(task.classes)
+
+
+def test_fisher_sample_bias_the_sorted_prefix_lands_further_than_random_draws():
+    stream, model = ch02.after_first_task("domain", (16,), 60, 0)
+    bias = ch02.fisher_sample_bias(model, stream, n=300, seeds=(0, 1, 2))
+    prefix, draws = bias.iloc[0], bias.iloc[1:]
+    assert prefix["classes"] == 1 and (draws["classes"] == 5).all()
+    assert prefix["relative L2 error"] > draws["relative L2 error"].max()
+    whole = ch02.fisher_sample_bias(model, stream, n=len(stream.tasks[0].y_train), seeds=(0,))
+    assert whole.iloc[1]["relative L2 error"] < 1e-5 and whole.iloc[1]["mass"] == pytest.approx(1.0, rel=1e-5)
+
+
+def test_backward_calls_counts_grad_and_backward():
+    x = torch.ones(3, requires_grad=True)
+    assert ch02.backward_calls(lambda: None) == 0
+
+    def twice():
+        torch.autograd.grad((x ** 2).sum(), x)
+        (x ** 3).sum().backward()
+
+    assert ch02.backward_calls(twice) == 2
+    assert x.grad is not None and torch.allclose(x.grad, 3 * torch.ones(3))  # the real backward still ran
+
+
+def test_floats_held_counts_every_reachable_tensor_once():
+    class Holder:
+        def __init__(self):
+            shared = torch.zeros(4)
+            self.a = [{"w": torch.zeros(2, 3), "b": shared}, (shared, torch.zeros(5))]
+            self.n = 7
+            self.ids = torch.zeros(9, dtype=torch.long)  # not floats
+
+    assert ch02.floats_held(Holder()) == 6 + 4 + 5
+
+
+def test_consolidation_costs_count_the_backward_passes():
+    costs = ch03.consolidation_costs(hidden=(8,), n_samples=50, repeats=1)
+    assert costs["backward passes"].to_dict() == {"SI": 0, "EWC (exact Fisher)": 5, "MAS": 1}
+    assert (costs["ms (best of interleaved runs)"] > 0).all()

@@ -5,7 +5,6 @@ plots. Results are memoised in-process by their full configuration."""
 from __future__ import annotations
 
 import copy
-import time
 from functools import lru_cache
 
 import matplotlib.pyplot as plt
@@ -15,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from cl_lab import _validate, data, fisher, models, plots, train
-from cl_lab.chapters.ch02 import mnist, two_task_stream
+from cl_lab import _validate, data, fisher, models, plots, timing, train
+from cl_lab.chapters.ch02 import backward_calls, mnist, two_task_stream
 from cl_lab.data.streams import Stream, Task
 from cl_lab.methods.base import Context
 from cl_lab.methods.distillation import LwF
@@ -34,9 +33,10 @@ def second_task_only(stream: Stream) -> Stream:
                   eval_tasks=stream.tasks)
 
 
-def _full_loss(model, task: Task, n: int = 1000) -> float:
+def _full_loss(model, task: Task) -> float:
+    """The task's training loss on all its training samples: the loss SI's path integral follows."""
     with torch.no_grad():
-        return F.cross_entropy(model(task.x_train[:n]), task.y_train[:n]).item()
+        return F.cross_entropy(model(task.x_train), task.y_train).item()
 
 
 @lru_cache(maxsize=16)
@@ -56,18 +56,12 @@ def si_first_task(scenario: str = "domain", hidden: tuple[int, ...] = (100, 100)
 @lru_cache(maxsize=8)
 def importances(scenario: str = "domain", hidden: tuple[int, ...] = (100, 100), steps: int = 150, seed: int = 0,
                 n_samples: int = 500) -> dict:
-    """SI's Ω (accumulated while training task 1), the exact Fisher and MAS (computed after it), with costs."""
+    """SI's Ω (accumulated while training task 1), the exact Fisher and MAS (computed after it, on a seeded random
+    draw of ``n_samples`` task-1 training samples)."""
     stream, model, si, _, _, _ = si_first_task(scenario, hidden, steps, seed)
-    task = stream.tasks[0]
-    x, y = task.x_train[:n_samples], task.y_train[:n_samples]
-    start = time.perf_counter()
-    f = fisher.flatten(fisher.fisher_diagonal(model, x, y, estimate="exact"))
-    fisher_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    mas = fisher.flatten(output_sensitivity(model, x))
-    mas_seconds = time.perf_counter() - start
-    return {"SI": fisher.flatten(si.importance), "Fisher": f, "MAS": mas, "fisher_seconds": fisher_seconds,
-            "mas_seconds": mas_seconds}
+    x, y, _ = stream.tasks[0].sample(n_samples, seed)
+    return {"SI": fisher.flatten(si.importance), "Fisher": fisher.flatten(fisher.fisher_diagonal(model, x, y)),
+            "MAS": fisher.flatten(output_sensitivity(model, x))}
 
 
 def plot_importance_scatter(imp: dict, n_points: int = 4000, seed: int = 0):
@@ -167,12 +161,15 @@ def output_drift(old: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor) ->
 
 
 def step_costs(steps: int = 60, hidden: tuple[int, ...] = (100, 100), seed: int = 0, repeats: int = 3) -> dict:
-    """Seconds per training step on task 2 for naive and each method with its penalty active (best of repeats)."""
+    """Seconds per training step on task 2 for naive and each method with its penalty active: the best of
+    ``repeats`` interleaved runs (``cl_lab.timing.best_times``), so load from other processes hits every method
+    alike and mostly drops out."""
     stream, model, si, _, _, _ = si_first_task("domain", tuple(hidden), 150, seed)
     task1 = stream.tasks[0]
+    x, y, _ = task1.sample(500, seed)
     ewc, mas, lwf = EWC(lam=1e3), MAS(lam=1.0), LwF()
-    ewc.consolidate(model, task1.x_train[:500], task1.y_train[:500])
-    mas.consolidate(model, task1.x_train[:500])
+    ewc.consolidate(model, x, y)
+    mas.consolidate(model, x)
     lwf.on_task_end(Context(model, stream, task1, 0, 0, 0, None, torch.device("cpu"), 128, None))
     frozen_si = _FrozenSI(c=1.0)
     frozen_si.importance, frozen_si.anchor = si.importance, si.anchor
@@ -180,12 +177,33 @@ def step_costs(steps: int = 60, hidden: tuple[int, ...] = (100, 100), seed: int 
     for m in (ewc, mas, lwf):
         m.on_task_end = lambda ctx: None  # time the steps only, not a new consolidation
     second = second_task_only(stream)
-    best = {name: float("inf") for name in methods}
-    for _ in range(repeats):  # interleaved, so a busy moment hits every method alike
-        for name, method in methods.items():
-            run = train.fit(copy.deepcopy(model), second, method, steps=steps, seed=seed, device="cpu", progress=False)
-            best[name] = min(best[name], run.seconds / steps)
-    return best
+
+    def train_with(method):
+        return lambda: train.fit(copy.deepcopy(model), second, method, steps=steps, seed=seed, device="cpu",
+                                 progress=False)
+
+    best = timing.best_times({name: train_with(m) for name, m in methods.items()}, repeats=repeats, warmup=0)
+    return {name: seconds / steps for name, seconds in best.items()}
+
+
+def consolidation_costs(hidden: tuple[int, ...] = (100, 100), seed: int = 0, n_samples: int = 500,
+                        repeats: int = 5) -> pd.DataFrame:
+    """What each method pays once per task, after task 1: backward passes (counted) and seconds (best of
+    ``repeats`` interleaved rounds). SI folds ω into Ω and copies the weights; EWC computes the exact Fisher and
+    MAS its output sensitivity on a seeded random draw of ``n_samples`` task-1 samples."""
+    stream, model, _, _, _, _ = si_first_task("domain", tuple(hidden), 150, seed)
+    x, y, _ = stream.tasks[0].sample(n_samples, seed)
+    si = SI(c=1.0)
+
+    def si_consolidation():
+        si.begin_task(model)
+        si.consolidate(model)
+
+    work = {"SI": si_consolidation, "EWC (exact Fisher)": lambda: EWC(lam=1.0).consolidate(model, x, y),
+            "MAS": lambda: MAS(lam=1.0).consolidate(model, x)}
+    seconds = timing.best_times(work, repeats=repeats)
+    return pd.DataFrame({"backward passes": {name: backward_calls(fn) for name, fn in work.items()},
+                         "ms (best of interleaved runs)": {name: 1e3 * s for name, s in seconds.items()}})
 
 
 TASK_FREE_METHODS = ("naive", "SI", "EWC online")
