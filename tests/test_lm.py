@@ -14,6 +14,7 @@ from cl_lab.lm import (
     NEW_RELATIONS,
     QUESTION,
     KLToBase,
+    LMClassifier,
     LMConfig,
     TextReplay,
     World,
@@ -402,3 +403,21 @@ def test_importing_cl_lab_does_not_import_transformers():
     import sys
     code = "import sys, cl_lab; print('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_peft_lora_on_the_classifier_view_trains_adapters_only(lab):
+    from peft import LoraConfig, get_peft_model
+    model = lab.copy().model
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    peft_model = get_peft_model(model, config)
+    clf = LMClassifier(peft_model, lab.tokenizer.pad_token_id)
+    assert layout(clf).mlp_out(0) is peft_model.get_base_model().transformer.h[0].mlp.c_proj
+    stream = fact_stream(lab, n_tasks=2, kind="subjects", n_subjects=3)
+    run = train.fit(clf, stream, TextReplay(lab, 0.1), steps=20, lr=1e-2, batch_size=16, progress=False)
+    assert run.R.shape == (2, 2)
+    base = peft_model.get_base_model()
+    for n, p in base.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, before[n.replace(".base_layer", "")]), n
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in base.named_parameters() if "lora_B" in n)

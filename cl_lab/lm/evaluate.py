@@ -60,7 +60,7 @@ def recall(model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence
     """Fraction of ``facts`` whose object is the model's top next token after the prompt (nan for no facts)."""
     if not facts:
         return math.nan
-    return hits(model, tokenizer, facts, batch_size).float().mean().item()
+    return hits(model, tokenizer, facts, batch_size).double().mean().item()
 
 
 @torch.no_grad()
@@ -118,9 +118,9 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, world: World,
     trained = subset(world.train_facts)
     correct = hits(model, tokenizer, trained)  # [N]
     neighbours = torch.tensor([f.subject not in edited for f in trained])  # [N]
-    row = {"recall": correct.float().mean().item(),
+    row = {"recall": correct.double().mean().item(),
            "paraphrase": recall(model, tokenizer, subset(world.heldout_facts)),
-           "neighbourhood": correct[neighbours].float().mean().item() if neighbours.any() else math.nan,
+           "neighbourhood": correct[neighbours].double().mean().item() if neighbours.any() else math.nan,
            "perplexity": perplexity(model, tokenizer, world.general_test)}
     if targets:
         row["target"] = recall(model, tokenizer, list(targets))

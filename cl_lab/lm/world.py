@@ -214,7 +214,7 @@ class World:
     seed: int = 0
     n_subjects: int = 120
     heldout_per_fact: int = 1
-    n_general: int = 1500
+    n_general: int = 800
     n_general_test: int = 300
     knowledge: dict[tuple[str, str], str] = field(init=False, repr=False)
     train_facts: list[Fact] = field(init=False, repr=False)
