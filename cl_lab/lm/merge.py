@@ -80,17 +80,21 @@ def _pad(x: torch.Tensor, length: int, pad_id: int) -> torch.Tensor:
     return F.pad(x, (0, length - x.shape[1]), value=pad_id)  # [N, length]
 
 
-def merge_stream(lab: Lab, kinds: Sequence[str] = KINDS, n_subjects: int = 20) -> Stream:
+def merge_stream(lab: Lab, kinds: Sequence[str] = KINDS, n_subjects: int | Sequence[int] = 20) -> Stream:
     """One task per entry of ``kinds`` (the first task of ``fact_stream(lab, kind=…)``; a kind may repeat, its
-    i-th occurrence takes that kind's i-th task), prompts right-padded to one length L: x [N, L], y [N]."""
+    i-th occurrence takes that kind's i-th task), prompts right-padded to one length L: x [N, L], y [N].
+    ``n_subjects`` is one number for every task or one per task."""
     if isinstance(kinds, str) or not kinds:
         raise ValueError(f"kinds must be a non-empty list of {KINDS}, got {kinds!r}")
     for kind in kinds:
         _validate.one_of("kinds[…]", kind, KINDS)
+    sizes = [n_subjects] * len(kinds) if isinstance(n_subjects, int) else list(n_subjects)
+    if len(sizes) != len(kinds):
+        raise ValueError(f"n_subjects must be one int or one per task ({len(kinds)}), got {n_subjects!r}")
     parts = []
-    for i, kind in enumerate(kinds):
+    for i, (kind, n) in enumerate(zip(kinds, sizes)):
         index = list(kinds[:i]).count(kind)
-        parts.append(fact_stream(lab, index + 1, kind, n_subjects=n_subjects).tasks[index])
+        parts.append(fact_stream(lab, index + 1, kind, n_subjects=n).tasks[index])
     length = max(t.x_train.shape[1] for t in parts)
     pad = lab.tokenizer.pad_token_id
     tasks = [Task(i, t.name, _pad(t.x_train, length, pad), t.y_train, _pad(t.x_test, length, pad), t.y_test,
@@ -184,17 +188,17 @@ def make_probe(lab: Lab, stream: Stream, n_pretrained: int = 480, n_general: int
 
 
 def fine_tune(lab: Lab, state: Mapping[str, torch.Tensor], stream: Stream, *, steps: int, lr: float,
-              batch_size: int = 16, seed: int = 0, optimizer: str = "adam") -> State:
+              batch_size: int = 16, seed: int = 0, method=None) -> State:
     """The parameters after full fine-tuning from ``state`` on every task of ``stream`` in order (Adam, a fresh
     optimizer per task, ``train.fit``), on the CPU."""
     model = model_with(lab, state)
-    train.fit(LMClassifier(model, lab.tokenizer.pad_token_id), stream, steps=steps, lr=lr, batch_size=batch_size,
-              seed=seed, device="cpu", progress=False, optimizer=optimizer)
+    train.fit(LMClassifier(model, lab.tokenizer.pad_token_id), stream, method, steps=steps, lr=lr,
+              batch_size=batch_size, seed=seed, device="cpu", progress=False)
     return params_of(model)
 
 
 def lora_delta(lab: Lab, state: Mapping[str, torch.Tensor], stream: Stream, *, rank: int = 8, alpha: float = 16.0,
-               steps: int, lr: float, batch_size: int = 16, seed: int = 0) -> State:
+               steps: int, lr: float, batch_size: int = 16, seed: int = 0, method=None) -> State:
     """Train one LoRA adapter (Hu et al. 2021, arXiv 2106.09685: W₀ + (α/r)·BA on ``LORA_TARGETS``, PEFT's
     implementation) from ``state`` on ``stream`` and return its dense delta ΔW for every parameter (zero
     outside the adapted weights): a task vector, so adapters merge like fine-tunes."""
@@ -205,8 +209,8 @@ def lora_delta(lab: Lab, state: Mapping[str, torch.Tensor], stream: Stream, *, r
     torch.manual_seed(seed)  # LoRA's A is drawn from torch's global generator
     model = get_peft_model(model_with(lab, state), LoraConfig(
         r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS), fan_in_fan_out=True, lora_dropout=0.0))
-    train.fit(LMClassifier(model, lab.tokenizer.pad_token_id), stream, steps=steps, lr=lr, batch_size=batch_size,
-              seed=seed, device="cpu", progress=False)
+    train.fit(LMClassifier(model, lab.tokenizer.pad_token_id), stream, method, steps=steps, lr=lr,
+              batch_size=batch_size, seed=seed, device="cpu", progress=False)
     merged = params_of(model.merge_and_unload())
     return {k: merged[k] - state[k] for k in state}
 

@@ -145,19 +145,38 @@ def task_arithmetic(base: StateDict, task_vectors: Sequence[StateDict], lam: flo
             for k in base}
 
 
-def ties_trim(tau: StateDict, density: float) -> dict[str, torch.Tensor]:
-    """TIES step 1, trim: keep the ``density`` share of τ's entries with the largest magnitude (over the whole
-    vector, as in Yadav et al. 2023, arXiv 2306.01708, §3 "Trim": top-k %), zero the rest. Ties at the
-    threshold are kept."""
-    _validate.in_range("density", density, 0.0, 1.0)
-    if density == 0.0:
-        raise ValueError("density must be in (0, 1], got 0.0")
+def _density(density: float) -> float:
+    density = _validate.number("density", density)
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1] (the share of entries kept), got {density}")
+    return density
+
+
+def _top_mask(values: torch.Tensor, density: float) -> torch.Tensor:
+    """Bool mask [*shape] of the k = ⌊density·n⌋ entries of ``values`` with the largest magnitude (exactly k:
+    ``torch.topk`` picks among equal magnitudes), PEFT's count in ``magnitude_based_pruning``."""
+    flat = values.reshape(-1).abs()  # [n]
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=values.device)
+    mask[torch.topk(flat, int(density * flat.numel())).indices] = True
+    return mask.reshape(values.shape)
+
+
+def ties_trim(tau: StateDict, density: float, per_tensor: bool = False) -> dict[str, torch.Tensor]:
+    """TIES step 1, trim: keep the ``density`` share of τ's entries with the largest magnitude, zero the rest
+    (Yadav et al. 2023, arXiv 2306.01708, §3 "Trim", top-k %). By default the share is taken over the whole
+    vector, as the paper's code flattens every parameter into one; ``per_tensor=True`` trims each tensor on
+    its own, as ``peft.utils.merge_utils.ties`` does on the one tensor it is given. Either way exactly
+    ⌊density·n⌋ entries survive (n: entries of the vector, or of the tensor)."""
+    density = _density(density)
     _check_state("tau", tau)
-    flat = flatten(tau).abs()  # [P]
-    k = max(1, math.ceil(density * flat.numel()))
-    threshold = flat.kthvalue(flat.numel() - k + 1).values  # the k-th largest magnitude
-    return {key: torch.where(v.abs() >= threshold, v, torch.zeros_like(v)) if _is_float(v) else v.clone()
-            for key, v in tau.items()}
+    floats = [k for k, v in tau.items() if _is_float(v)]
+    if per_tensor:
+        masks = {k: _top_mask(tau[k], density) for k in floats}
+    else:
+        flat = torch.cat([tau[k].reshape(-1) for k in floats])  # [P]
+        pieces = _top_mask(flat, density).split([tau[k].numel() for k in floats])
+        masks = {k: m.reshape(tau[k].shape) for k, m in zip(floats, pieces)}
+    return {k: v * masks[k] if k in masks else v.clone() for k, v in tau.items()}
 
 
 def elect_sign(trimmed: Sequence[StateDict]) -> dict[str, torch.Tensor]:
@@ -189,40 +208,71 @@ def disjoint_mean(trimmed: Sequence[StateDict], sign: StateDict) -> dict[str, to
 
 
 def ties_merge(base: StateDict, task_vectors: Sequence[StateDict], density: float = 0.2,
-               lam: float = 1.0) -> dict[str, torch.Tensor]:
+               lam: float = 1.0, per_tensor: bool = False) -> dict[str, torch.Tensor]:
     """TIES-merging: θ = θ_0 + λ·τ_m, τ_m = disjoint_mean(trim(τ_k), elect_sign(trim(τ_k))) (Yadav et al.
-    2023, arXiv 2306.01708, Algorithm 1; the paper keeps density 0.2 and tunes λ)."""
+    2023, arXiv 2306.01708, Algorithm 1; the paper keeps density 0.2 and tunes λ). With ``per_tensor=True``,
+    θ − θ_0 equals ``peft.utils.merge_utils.ties`` applied to each tensor with weights λ (PEFT elects the sign
+    + where non-zero trimmed values cancel exactly to 0, sgn(0) = 0 here; nowhere else do they differ)."""
     task_vectors = _check_list("task_vectors", task_vectors)
-    _validate.in_range("density", density, 0.0, 1.0)
-    if density == 0.0:
-        raise ValueError("density must be in (0, 1], got 0.0")
+    density = _density(density)
     lam = _validate.finite("lam", lam)
     _check_compatible([("base", base)] + [(f"task_vectors[{i}]", t) for i, t in enumerate(task_vectors)])
-    trimmed = [ties_trim(t, density) for t in task_vectors]
+    trimmed = [ties_trim(t, density, per_tensor) for t in task_vectors]
     merged = disjoint_mean(trimmed, elect_sign(trimmed))
     return task_arithmetic(base, [merged], lam)
 
 
+def _drop(v: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """v with each entry zeroed with probability p, survivors divided by 1 − p [*shape]. The keep mask is
+    ``bernoulli(1 − p)`` drawn on the CPU, as ``peft.utils.merge_utils.random_pruning`` draws it; p = 0 draws
+    nothing (PEFT returns the tensor unpruned at density 1)."""
+    if p == 0.0:
+        return v.clone()
+    keep = torch.bernoulli(torch.full(v.shape, 1.0 - p, dtype=v.dtype), generator=generator)  # [*shape]
+    return (v * keep.to(v.device)) / (1.0 - p)
+
+
 def dare(tau: StateDict, p: float, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """DARE, drop and rescale: each entry of τ is zeroed with probability p and the survivors are multiplied by
-    1/(1 − p), so E[DARE(τ)] = τ (Yu et al. 2023, arXiv 2311.03099, eq. 2–3). ``generator`` (a CPU
-    ``torch.Generator``) makes the drop mask reproducible on any device."""
-    _validate.in_range("p", p, 0.0, 1.0, high_open=True)
+    1/(1 − p), so E[DARE(τ)] = τ (Yu et al. 2024, arXiv 2311.03099, eq. 2–3). ``generator`` (a CPU
+    ``torch.Generator``) makes the drop mask reproducible on any device; tensors are drawn in key order."""
+    p = _validate.in_range("p", p, 0.0, 1.0, high_open=True)
     _check_state("tau", tau)
-    out = {}
-    for k, v in tau.items():
-        if not _is_float(v):
-            out[k] = v.clone()
-            continue
-        keep = torch.rand(v.shape, generator=generator) >= p  # [*shape], on the CPU
-        out[k] = v * keep.to(v.device) / (1.0 - p)
+    return {k: _drop(v, p, generator) if _is_float(v) else v.clone() for k, v in tau.items()}
+
+
+def _dare_each(task_vectors: list[StateDict], p: float, seed: int) -> list[dict[str, torch.Tensor]]:
+    """DARE on every task vector, drawn tensor by tensor and, within a tensor, task by task: the order in which
+    PEFT draws when its merge is applied to each tensor in turn after ``torch.manual_seed(seed)``."""
+    gen = torch.Generator().manual_seed(_validate.non_negative_int("seed", seed))
+    out: list[dict[str, torch.Tensor]] = [{} for _ in task_vectors]
+    for key in task_vectors[0]:
+        for dropped, tau in zip(out, task_vectors):
+            dropped[key] = _drop(tau[key], p, gen) if _is_float(tau[key]) else tau[key].clone()
     return out
 
 
 def dare_merge(base: StateDict, task_vectors: Sequence[StateDict], p: float = 0.5, lam: float = 1.0,
                seed: int = 0) -> dict[str, torch.Tensor]:
-    """DARE on every task vector, then task arithmetic: θ = θ_0 + λ·Σ_k DARE_p(τ_k) (Yu et al. 2023, §4.1)."""
+    """DARE on every task vector, then task arithmetic: θ = θ_0 + λ·Σ_k DARE_p(τ_k) (Yu et al. 2024, §4.1,
+    eq. 4). θ − θ_0 equals ``peft.utils.merge_utils.dare_linear`` with density 1 − p and weights λ, applied to
+    each tensor in turn after ``torch.manual_seed(seed)``."""
     task_vectors = _check_list("task_vectors", task_vectors)
-    _validate.in_range("p", p, 0.0, 1.0, high_open=True)
-    gen = torch.Generator().manual_seed(seed)
-    return task_arithmetic(base, [dare(t, p, gen) for t in task_vectors], lam)
+    p = _validate.in_range("p", p, 0.0, 1.0, high_open=True)
+    lam = _validate.finite("lam", lam)
+    _check_compatible([("base", base)] + [(f"task_vectors[{i}]", t) for i, t in enumerate(task_vectors)])
+    return task_arithmetic(base, _dare_each(task_vectors, p, seed), lam)
+
+
+def dare_ties_merge(base: StateDict, task_vectors: Sequence[StateDict], p: float = 0.5, lam: float = 1.0,
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+    """DARE-TIES: DARE replaces TIES's magnitude trim, then TIES's sign election and disjoint mean (Yu et al.
+    2024, §4.1: DARE as a plug-in before TIES): θ = θ_0 + λ·disjoint_mean(D_k, elect_sign(D_k)), D_k =
+    DARE_p(τ_k). θ − θ_0 equals ``peft.utils.merge_utils.dare_ties`` (density 1 − p, weights λ) tensor by
+    tensor after ``torch.manual_seed(seed)`` (up to the sign PEFT elects where values cancel exactly)."""
+    task_vectors = _check_list("task_vectors", task_vectors)
+    p = _validate.in_range("p", p, 0.0, 1.0, high_open=True)
+    lam = _validate.finite("lam", lam)
+    _check_compatible([("base", base)] + [(f"task_vectors[{i}]", t) for i, t in enumerate(task_vectors)])
+    dropped = _dare_each(task_vectors, p, seed)
+    return task_arithmetic(base, [disjoint_mean(dropped, elect_sign(dropped))], lam)
