@@ -423,3 +423,11 @@ def test_peft_lora_on_the_classifier_view_trains_adapters_only(lab):
         if "lora_" not in n:
             assert torch.equal(p, before[n.replace(".base_layer", "")]), n
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in base.named_parameters() if "lora_B" in n)
+
+
+def test_smoke_config_gives_a_lab_every_stream_kind_accepts_at_its_defaults(tmp_path, monkeypatch):
+    from cl_lab.lm import SMOKE_CONFIG
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    smoke = tiny_lm(0, progress=False, **SMOKE_CONFIG)
+    for kind, n_tasks in (("subjects", 3), ("relation", 3), ("format", 4)):
+        assert len(fact_stream(smoke, n_tasks=n_tasks, kind=kind)) == n_tasks

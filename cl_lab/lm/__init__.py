@@ -23,7 +23,8 @@ Pieces:
   templates per relation with held-out (subject, template) pairs, a question format, general text (grammar,
   counting, copying) with a held-out part, and a new domain with new words. Each ``Fact`` carries its
   prompt, object, subject span (token positions) and template id.
-- ``tiny_lm`` / ``LMConfig`` / ``Lab`` (``lab.py``): pretraining with the full next-token loss, cached under
+- ``tiny_lm`` / ``LMConfig`` / ``Lab`` (``lab.py``): pretraining with the full next-token loss (about 100 s of
+  one CPU core at the defaults; ``SMOKE_CONFIG`` makes a 1-layer lab in seconds for SMOKE runs), cached under
   ``$XDG_CACHE_HOME/cl_lab/lm/`` by a hash of the configuration, ``CORPUS_VERSION`` and the corpus; a file
   lock makes concurrent first calls pretrain once. ``LMClassifier`` is the classifier view.
 - ``evaluate``, ``recall``, ``perplexity``, ``complete`` (``evaluate.py``).
@@ -38,7 +39,17 @@ Importing ``cl_lab`` does not import this package (it needs ``transformers``): `
 """
 
 from cl_lab.lm.evaluate import complete, evaluate, fact_batch, perplexity, recall
-from cl_lab.lm.lab import Lab, LMClassifier, LMConfig, config_key, extend_vocabulary, lm_loss, pretrain, tiny_lm
+from cl_lab.lm.lab import (
+    SMOKE_CONFIG,
+    Lab,
+    LMClassifier,
+    LMConfig,
+    config_key,
+    extend_vocabulary,
+    lm_loss,
+    pretrain,
+    tiny_lm,
+)
 from cl_lab.lm.layout import Layout, layout, weight_out_in
 from cl_lab.lm.methods import KLToBase, TextReplay, kl_divergence
 from cl_lab.lm.real import DEFAULT_HUB_MODEL, OFFLINE_MODEL, ModelUnavailable, gguf_path, hub_status, pretrained
@@ -47,8 +58,8 @@ from cl_lab.lm.tokenizer import build_tokenizer, decode, encode
 from cl_lab.lm.world import BASE_RELATIONS, CORPUS_VERSION, NEW_RELATIONS, QUESTION, RELATIONS, Domain, Fact, World
 
 __all__ = ["BASE_RELATIONS", "CORPUS_VERSION", "DEFAULT_HUB_MODEL", "KINDS", "NEW_RELATIONS", "OFFLINE_MODEL",
-           "QUESTION", "RELATIONS", "Domain", "Fact", "FactTask", "KLToBase", "LMClassifier", "LMConfig", "Lab",
-           "Layout", "ModelUnavailable", "TextReplay", "World", "build_tokenizer", "complete", "config_key",
-           "decode", "encode", "evaluate", "extend_vocabulary", "fact_batch", "fact_stream", "gguf_path",
-           "hub_status", "kl_divergence", "layout", "lm_loss", "perplexity", "pretrain", "pretrained", "recall",
-           "tiny_lm", "weight_out_in"]
+           "QUESTION", "RELATIONS", "SMOKE_CONFIG", "Domain", "Fact", "FactTask", "KLToBase", "LMClassifier",
+           "LMConfig", "Lab", "Layout", "ModelUnavailable", "TextReplay", "World", "build_tokenizer", "complete",
+           "config_key", "decode", "encode", "evaluate", "extend_vocabulary", "fact_batch", "fact_stream",
+           "gguf_path", "hub_status", "kl_divergence", "layout", "lm_loss", "perplexity", "pretrain", "pretrained",
+           "recall", "tiny_lm", "weight_out_in"]

@@ -64,6 +64,10 @@ class LMConfig:
         return World(self.seed, self.n_subjects, self.heldout_per_fact, self.n_general, self.n_general_test)
 
 
+SMOKE_CONFIG = dict(n_layer=1, n_head=2, n_embd=32, n_subjects=40, n_general=100, n_general_test=20, steps=30,
+                    batch_size=16)  # a lab in a few seconds for SMOKE runs: ``tiny_lm(seed, **SMOKE_CONFIG)``
+
+
 class LMClassifier(nn.Module):
     """A causal LM seen as a classifier over its vocabulary, for ``cl_lab.train.fit`` and the methods.
 
