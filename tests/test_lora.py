@@ -1,19 +1,24 @@
-"""LoRA for continual learning: the adapted model starts as the base model, only B learns at the first step,
-per-task adapters leave old tasks bit-identical, merging equals summing, O-LoRA's penalty vanishes exactly for
-orthogonal rows, and every public function rejects bad arguments by name."""
+"""LoRA for continual learning on an MLP and chapter 09's helpers: the adapted model starts as the base model, only
+B learns at the first step, per-task adapters leave old tasks bit-identical, merging equals summing, O-LoRA's penalty
+vanishes exactly for orthogonal rows; the chapter's LM stream, learners, paths, ranks of ΔW, measured optimizer state
+and playground; figures show what they claim; every public function rejects bad arguments by name."""
 
 import copy
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cl_lab import data, models, train
+from cl_lab import data, lm, models, train
 from cl_lab.chapters import ch09
 from cl_lab.data.streams import Stream
+from cl_lab.methods.base import Method
 from cl_lab.methods.lora import (
     LoRALinear,
     LoRAModel,
@@ -113,12 +118,27 @@ def test_orthogonality_penalty_is_zero_for_orthogonal_rows_and_positive_otherwis
     assert subspace_overlap(layer.A[0], 5 * layer.A[0]) == pytest.approx(1.0)
 
 
+class _LogitsAtTaskEnds(Method):
+    """The predictor's logits on each task's test inputs at every task end (for tasks trained so far)."""
+
+    def __init__(self, predictor, inputs):
+        self.predictor, self.inputs = predictor, inputs
+        self.outputs = {task_id: [] for task_id in inputs}
+
+    @torch.no_grad()
+    def on_task_end(self, ctx):
+        for task_id, x in self.inputs.items():
+            if task_id <= ctx.task.id:
+                t = torch.full((len(x),), task_id, dtype=torch.long)
+                self.outputs[task_id].append(self.predictor.logits(ctx.model, ctx.stream, x, t))
+
+
 def test_per_task_adapters_leave_old_tasks_bit_identical(stream, backbone):
     method = PerTaskLoRA()
-    log = ch09.OutputLog(method, {task.id: task.x_test for task in stream.tasks})
+    log = _LogitsAtTaskEnds(method, {task.id: task.x_test for task in stream.tasks})
     model = LoRAModel(backbone, rank=2, alpha=2.0)
     run = train.fit(model, _after_base(stream), [method, log], steps=10, batch_size=32, progress=False)
-    assert log.unchanged()
+    assert all(torch.equal(outs[0], later) for outs in log.outputs.values() for later in outs[1:])
     assert len(log.outputs[0]) == 2 and len(log.outputs[1]) == 2 and len(log.outputs[2]) == 1
     assert (run.R[:, 0] == run.R[0, 0]).all() and (run.R[:, 1] == run.R[0, 1]).all()
     assert model.n_adapters == 2 and sorted(method.adapter_of) == [1, 2]
@@ -149,14 +169,6 @@ def test_merged_equals_summed_and_olora_trains_on_top_of_frozen_adapters(stream,
     assert model.active == (0, 1)  # stacked while training the last task
     table = ch09.summed_vs_routed(model, method.adapter_of, _after_base(stream))
     assert (table["all adapters summed"] == table["merged into backbone"]).all()
-
-
-def test_cost_table_counts():
-    table = ch09.cost_table(784, (100, 100), 10, n_tasks=4, ranks=(16,))
-    network = 784 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
-    assert table.loc["LoRA adapter set, r = 16", "numbers"] == 16 * (884 + 200 + 110)
-    assert table.loc["per-task EWC: Fisher + anchor", "numbers"] == 2 * network
-    assert table.loc["ProgNN column (task 4, with laterals)", "numbers"] == network + 3 * (100 * 100 + 100 * 10)
 
 
 @pytest.mark.parametrize("rank, error", [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError)])
@@ -200,23 +212,205 @@ def test_other_bad_arguments_are_rejected(stream, backbone):
         ch09.after_base(stream, 5)
 
 
-def test_rank_alpha_widget_point_and_headless_slider(monkeypatch):
+# ---------------------------------------------------------------- chapter 09 on the LM
+
+TINY_LM = dict(n_layer=2, n_head=2, n_embd=32, n_subjects=40, n_general=100, n_general_test=20, steps=30,
+               batch_size=16)
+SMALL_TASKS = (("subjects", 2), ("relation", 3), ("format", 4))
+
+
+@pytest.fixture(scope="module")
+def lab():
+    from cl_lab import lm
+    return lm.tiny_lm(0, progress=False, use_cache=False, **TINY_LM)
+
+
+@pytest.fixture(scope="module")
+def lm_stream(lab):
+    return ch09.lm_stream(lab, SMALL_TASKS, n_pretrained=40, seed=3)
+
+
+@pytest.fixture(scope="module")
+def results(lab, lm_stream):
+    return {s: ch09.run_setup(lab, lm_stream, s, rank=2, alpha=4.0, steps=3, max_facts=30) for s in ch09.SETUPS}
+
+
+def test_lm_stream_trains_three_kinds_and_evaluates_a_seeded_draw_of_pretraining_facts(lab, lm_stream):
+    assert [t.id for t in lm_stream.eval_tasks] == [0, 1, 2, 3] and [t.id for t in lm_stream.tasks] == [1, 2, 3]
+    assert lm_stream.tasks[0].name.startswith("new people") and lm_stream.tasks[2].name.startswith("Q&A")
+    assert len(lm_stream.tasks[0].y_train) == 2 * 4 * 4 and len(lm_stream.tasks[1].y_train) == 3 * 4
+    widths = {t.x_test.shape[1] for t in lm_stream.eval_tasks}
+    assert widths == {lm_stream.input_shape[0]}  # one padded length: batches of different tasks concatenate
+    old = lm_stream.eval_tasks[0].test_facts
+    assert len(old) == 40 and set(old) <= set(lab.world.train_facts)
+    assert old != lab.world.train_facts[:40]  # a random draw, not the stored order's prefix
+    assert ch09.lm_stream(lab, SMALL_TASKS, n_pretrained=40, seed=3).eval_tasks[0].test_facts == old
+    x, y = lm.fact_batch(lab.tokenizer, old[:5])
+    assert torch.equal(lm_stream.eval_tasks[0].y_test[:5], y)
+
+
+def test_learners_train_what_they_say_and_per_task_lora_keeps_the_pretraining_exactly(lab, lm_stream, results):
+    n = sum(p.numel() for p in lab.model.parameters())
+    assert results["full fine-tuning"].trainable == n
+    d, layers = lab.config.n_embd, lab.config.n_layer
+    attention, mlp = layers * 2 * ((d + 3 * d) + 2 * d), layers * 2 * ((d + 4 * d) + (4 * d + d))
+    assert results["attention LoRA"].trainable == attention and results["MLP LoRA"].trainable == mlp
+    assert results["shared LoRA"].trainable == attention + mlp
+    for r in results.values():
+        assert r.run.R.shape == (3, 4)
+    per_task = results["per-task LoRA"]
+    assert (per_task.run.R[:, 0] == per_task.run.b[0]).all() and per_task.model.n_adapters == 3
+    base_row = lm.evaluate(lab.model, lab.tokenizer, lab.world, max_facts=30)
+    assert per_task.end == base_row  # routed to the bare backbone: the pretrained LM's row exactly
+    assert results["full fine-tuning"].end["perplexity"] != base_row["perplexity"]
+    summed = ch09.without_task_id(per_task, lab, lm_stream, max_facts=30)
+    assert set(summed) == {*(t.name for t in lm_stream.tasks), "pretraining recall", "perplexity"}
+    assert summed["perplexity"] != base_row["perplexity"]  # every adapter on: the general text passes through them
+    with pytest.raises(TypeError, match="per-task"):
+        ch09.without_task_id(results["shared LoRA"], lab, lm_stream)
+
+
+def test_replay_through_adapters_counts_tokens_on_a_lora_learner(lab, lm_stream):
+    replay = lm.TextReplay(lab, 0.5, seed=0)
+    ch09.run_setup(lab, lm_stream, "shared LoRA", rank=2, alpha=4.0, steps=4, extra=[replay], max_facts=10)
+    assert replay.share == pytest.approx(0.5, abs=0.05)
+    assert replay.task_tokens == sum(4 * min(32, len(t.y_train)) for t in lm_stream.tasks)  # one token per prompt
+
+
+def test_summary_rows_and_labels(results, lab):
+    base = {"recall": 1.0, "paraphrase": 0.9, "perplexity": 4.0}
+    table = ch09.summary(results, base)
+    assert list(table.index) == [*ch09.SETUPS, "pretrained LM"]
+    R = ch09.new_tasks_R(results["full fine-tuning"].run)
+    assert table.loc["full fine-tuning", "learned (mean, just after)"] == pytest.approx(R.diagonal().mean())
+    assert table.loc["full fine-tuning", "BWT"] == pytest.approx(np.mean([R[-1, j] - R[j, j] for j in range(2)]))
+    assert table.loc["pretrained LM", "perplexity"] == 4.0
+    same = [results["full fine-tuning"], results["full fine-tuning"]]
+    with pytest.raises(ValueError, match="distinct labels"):
+        ch09.summary(same, base)
+
+
+def test_path_and_matched_learning_read_the_first_task():
+    curves = pd.DataFrame([(s, 0, task, acc) for s, accs in ((0, (1.0, 0.1)), (5, (0.8, 0.5)), (10, (0.6, 0.95)))
+                           for task, acc in enumerate(accs)] + [(15, 1, 0, 0.2), (15, 1, 1, 0.2)],
+                          columns=["step", "train_task", "task", "accuracy"])
+    run = train.Run(np.zeros((2, 2)), np.zeros(2), curves, pd.DataFrame(), [0, 10], 0.0)
+    path = ch09.lm_path(run)
+    assert path["step"].tolist() == [0, 5, 10] and path["new task"].tolist() == [0.1, 0.5, 0.95]
+    assert ch09.kept_at(path, 0.9) == 0.6 and ch09.kept_at(path, 0.5) == 0.8
+    assert np.isnan(ch09.kept_at(path, 0.99))
+
+
+def test_delta_ranks_count_the_directions_that_hold_the_energy(lab):
+    after = lab.copy().model
+    name = "transformer.h.1.mlp.c_fc"
+    q, _ = torch.linalg.qr(torch.randn(4 * 32, 3, dtype=torch.float64))  # [out, 3] orthonormal
+    p, _ = torch.linalg.qr(torch.randn(32, 3, dtype=torch.float64))  # [in, 3]
+    delta = q @ torch.diag(torch.tensor([6.0, 2.0, 2.0]).sqrt().double()) @ p.T  # energies 6, 2, 2: [out, in]
+    with torch.no_grad():
+        lm.weight_out_in(after.get_submodule(name)).add_(delta.float())
+    for energy, expected in ((0.5, 1), (0.7, 2), (0.9, 3)):
+        table = ch09.delta_ranks(lab.model, after, ["mlp.c_fc"], energy=energy)
+        assert table.loc[name, "directions for 90 %"] == expected
+        assert table.loc["transformer.h.0.mlp.c_fc", "directions for 90 %"] == 0  # unchanged
+    assert (table["full rank"] == 32).all()
+    with pytest.raises(ValueError, match="energy"):
+        ch09.delta_ranks(lab.model, after, ["mlp.c_fc"], energy=1.0)
+
+
+def test_optimizer_state_is_what_adam_allocated_and_the_cost_table_measures_it(lab, lm_stream):
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    net[0].requires_grad_(False)
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
+    row = ch09.measured_cost(net, x, y)
+    assert row == {"trainable": 10, "state tensors": 6, "state numbers": 2 * 10 + 2, "state bytes": 22 * 4}
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    assert ch09.optimizer_state(sgd)["state tensors"] == 0
+    table = ch09.lm_cost_table(lab, lm_stream, ranks=(1, 4))
+    d, layers = lab.config.n_embd, lab.config.n_layer
+    per_rank = layers * ((d + 3 * d) + 2 * d + (d + 4 * d) + (4 * d + d))
+    assert table.loc["full fine-tuning", "trainable"] == sum(p.numel() for p in lab.model.parameters())
+    assert table.loc["LoRA r = 4", "trainable"] == 4 * per_rank
+    assert (table["state numbers"] == 2 * table["trainable"] + table["state tensors"] / 3).all()
+    assert table.loc["LoRA r = 1", "state / full"] < table.loc["LoRA r = 4", "state / full"] < 1
+
+
+def test_never_emitted_objects_have_untrained_rows(lab, lm_stream):
+    out = ch09.never_emitted(lab, lm_stream)
+    assert out["new objects' row norm"] > out["pretrained objects' row norm"] > 0
+    assert 0 < out["base LM's probability on the new objects"] < 0.5
+
+
+def test_lm_figures_show_the_matrices_and_the_paths(results, lm_stream):
+    fig = ch09.plot_lm_R(list(results.values()), lm_stream)
+    axes = fig.axes[:len(results)]
+    assert [ax.get_title() for ax in axes] == list(results)
+    for ax, r in zip(axes, results.values()):
+        np.testing.assert_allclose(ax.images[0].get_array(), r.run.R)
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["pretrain", "people", "plays", "Q&A"]
+    paths = {"a": pd.DataFrame({"step": [0, 5], "new task": [0.1, 0.9], "pretraining": [1.0, 0.4]}),
+             "b": pd.DataFrame({"step": [0, 5], "new task": [0.1, 0.6], "pretraining": [1.0, 0.8]})}
+    fig = ch09.plot_lm_tradeoff(paths, 0.97)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert lines["a"].get_xdata().tolist() == [0.1, 0.9] and lines["b"].get_ydata().tolist() == [1.0, 0.8]
+    assert list(lines["pretrained LM"].get_ydata()) == [0.97, 0.97]
+    assert "pretraining facts" in ax.get_ylabel()
+    plt.close("all")
+
+
+def test_lm_playground_point_figure_and_headless_slider(monkeypatch):
     import ipywidgets as w
-    import matplotlib.pyplot as plt
 
     from cl_lab import widgets
 
     monkeypatch.setattr(plt, "show", lambda: None)
-    fixed = {"steps": 3, "base_steps": 3, "hidden": (8,)}
-    result = ch09.rank_alpha_point(2, 4.0, **fixed)
-    assert result["adapter parameters"] == lora_parameter_count([784, 8, 10], 2)
-    assert 0 <= result["new task"] <= 1 and 0 <= result["base task"] <= 1
-    assert ch09.plot_rank_alpha(result) is not None
-    widget = widgets.sweep(ch09.rank_alpha_point, ch09.plot_rank_alpha, fixed=fixed,
-                           rank=w.SelectionSlider(options=[1, 2, 4], value=2), alpha=w.FloatSlider(value=4.0))
-    widget.children[0].value = 4
-    assert widget.result["rank"] == 4
+    fixed = {"steps": 1, "max_facts": 20, "n_pretrained": 20}
+    result = ch09.lm_point(2, 4.0, 0.5, **fixed)
+    assert result["adapter parameters"] == 2 * 4 * (128 * 4 + 128 * 2 + 128 * 5 + 128 * 5)  # default LM: 4 blocks
+    assert 0 <= result["new people"] <= 1 and result["replayed share"] == pytest.approx(0.5, abs=0.1)
+    fig = ch09.plot_lm_point(result)
+    ax, bx = fig.axes
+    assert [p.get_height() for p in ax.patches] == [result["new people"], result["pretraining recall"]]
+    assert bx.patches[0].get_height() == result["perplexity"]
+    assert list(ax.get_lines()[0].get_ydata()) == [result["base recall"]] * 2
+    assert "r=2" in fig.get_suptitle() and "α=4" in fig.get_suptitle()
+    widget = widgets.sweep(ch09.lm_point, ch09.plot_lm_point, fixed=fixed,
+                           rank=w.SelectionSlider(options=[1, 2], value=2), alpha=w.FloatSlider(value=4.0),
+                           replay_share=w.SelectionSlider(options=[0.0, 0.5], value=0.0))
+    widget.children[0].value = 1
+    assert widget.result["rank"] == 1 and widget.result["replayed share"] == 0.0
     widget.children[0].value = 2
     assert widget.cache.hits == 1 and len(widget.figures) == 3
+    plt.close("all")
+
+
+def test_learn_forget_figure_draws_ranks_and_the_full_path():
+    points = pd.DataFrame({"rank": [1, 16], "new task": [0.4, 0.8], "base task": [0.7, 0.85]})
+    path = pd.DataFrame({"step": [0, 5, 10], "new task": [0.1, 0.6, 0.9], "base task": [0.93, 0.85, 0.8]})
+    fig = ch09.plot_learn_forget(points, path, 0.93)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert lines["LoRA, end"].get_xdata().tolist() == [0.4, 0.8]
+    assert lines["full fine-tuning, every 5 steps"].get_ydata().tolist() == [0.93, 0.85, 0.8]
+    assert lines["full fine-tuning, end"].get_xdata().tolist() == [0.9]
+    assert [t.get_text() for t in fig.axes[0].texts] == ["r=1", "r=16"]
+    plt.close("all")
+
+
+def test_chapter_helpers_reject_bad_arguments_by_name(lab, lm_stream):
+    with pytest.raises(ValueError, match="setup"):
+        ch09.learner(lab, "prefix tuning")
     with pytest.raises(ValueError, match="rank"):
-        ch09.rank_alpha_point(0, 4.0)
+        ch09.learner(lab, "shared LoRA", rank=0)
+    with pytest.raises(ValueError, match="alpha"):
+        ch09.learner(lab, "MLP LoRA", alpha=0.0)
+    with pytest.raises(ValueError, match="n_pretrained"):
+        ch09.lm_stream(lab, SMALL_TASKS, n_pretrained=0)
+    with pytest.raises(ValueError, match="tasks"):
+        ch09.lm_stream(lab, ())
+    with pytest.raises(ValueError, match="rank"):
+        ch09.lm_point(0, 4.0, 0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        ch09.lm_point(2, -1.0, 0.0)
+    with pytest.raises(ValueError, match="replay_share"):
+        ch09.lm_point(2, 4.0, 1.0)

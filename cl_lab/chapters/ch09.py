@@ -1,13 +1,20 @@
-"""Chapter 09 helpers (LoRA for continual learning): a backbone trained on a base task, the stream of new
-tasks after it, the rank sweep against full fine-tuning, adapter interference without the task id, the
-cost table, and the rank/α playground callback."""
+"""Chapter 09 helpers (LoRA for continual learning).
+
+On the tiny language model (``cl_lab.lm``): the chapter's stream (new people, a new relation, a new answer
+format, with the pretraining facts as an evaluation-only task 0), the five learners (full fine-tuning, a
+shared LoRA, per-task LoRAs routed by task id, LoRA on attention or MLP projections only), the learning /
+forgetting path, the rank of the weight change, the measured cost of the optimizer state, and the rank × α ×
+replay playground. On an MLP (permuted MNIST): the rank sweep beside the LM's, adapters without the task id
+(summed, merged) and O-LoRA's orthogonality.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
-from itertools import pairwise
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -15,13 +22,304 @@ import pandas as pd
 import torch
 from torch import nn
 
-from cl_lab import _validate, data, models, train
+from cl_lab import _validate, data, lm, metrics, models, plots, train
 from cl_lab.chapters.ch02 import mnist
 from cl_lab.data.streams import Stream
 from cl_lab.device import seed_everything
-from cl_lab.methods.base import Context, Method
-from cl_lab.methods.isolation import prognn_parameter_count
-from cl_lab.methods.lora import LoRAModel, SharedLoRA, lora_parameter_count, subspace_overlap
+from cl_lab.lm import TextReplay
+from cl_lab.lm import lora as lm_lora
+from cl_lab.lm.stream import FactTask
+from cl_lab.methods.base import Method
+from cl_lab.methods.lora import LoRAModel, PerTaskLoRA, SharedLoRA, lora_parameter_count, subspace_overlap, target_names
+
+# ================================================================ the language model
+
+LM_TASKS = (("subjects", 10), ("relation", 20), ("format", 60))
+SETUPS = ("full fine-tuning", "shared LoRA", "per-task LoRA", "attention LoRA", "MLP LoRA")
+_WHERE = {"shared LoRA": "all", "per-task LoRA": "all", "attention LoRA": "attention", "MLP LoRA": "mlp"}
+
+
+@lru_cache(maxsize=4)
+def lab_of(seed: int = 0) -> lm.Lab:
+    """The tiny LM of ``seed`` (pretrained once, then loaded from the disk cache; kept in memory here)."""
+    return lm.tiny_lm(seed, progress=True)
+
+
+def _padded(x: torch.Tensor, length: int, pad_id: int) -> torch.Tensor:
+    out = torch.full((len(x), length), pad_id, dtype=torch.long)  # [N, L]
+    out[:, :x.shape[1]] = x
+    return out
+
+
+def lm_stream(lab: lm.Lab, tasks: Sequence[tuple[str, int]] = LM_TASKS, n_pretrained: int = 300,
+              seed: int = 0) -> Stream:
+    """The chapter's LM stream: one ``lm.fact_stream`` task of each (kind, n_subjects) in ``tasks``, trained in
+    order (ids 1, 2, …), and an evaluation-only task 0, "pretraining facts": a seeded random draw of
+    ``n_pretrained`` of the world's pretraining renderings. R[:, 0] is then the pretraining facts' recall after
+    each task, and continual evaluation traces it during training (the MLP's "base task")."""
+    _validate.positive_int("n_pretrained", n_pretrained)
+    if not tasks:
+        raise ValueError("tasks must hold at least one (kind, n_subjects) pair, got none")
+    parts = [lm.fact_stream(lab, 1, kind, n_subjects=n).tasks[0] for kind, n in tasks]
+    world, pad_id = lab.world, lab.tokenizer.pad_token_id
+    keep = torch.randperm(len(world.train_facts), generator=torch.Generator().manual_seed(seed))[:n_pretrained]
+    old = [world.train_facts[i] for i in keep.tolist()]
+    length = max(max(t.x_train.shape[1] for t in parts), lm.fact_batch(lab.tokenizer, old)[0].shape[1])
+    x0, y0 = lm.fact_batch(lab.tokenizer, old, length=length)
+    pretraining = FactTask(0, "pretraining facts", x0, y0, x0, y0, tuple(sorted(set(y0.tolist()))),
+                           train_facts=old, test_facts=old)
+    new = [FactTask(i + 1, t.name, _padded(t.x_train, length, pad_id), t.y_train, _padded(t.x_test, length, pad_id),
+                    t.y_test, t.classes, train_facts=t.train_facts, test_facts=t.test_facts,
+                    paraphrase_facts=t.paraphrase_facts) for i, t in enumerate(parts)]
+    return Stream("LM facts after pretraining", "domain", new, lab.model.config.vocab_size, (length,),
+                  eval_tasks=[pretraining, *new])
+
+
+def first_new_task(stream: Stream) -> Stream:
+    """The LM stream cut after its first new task, still evaluated on the pretraining facts."""
+    return Stream(stream.name, stream.scenario, stream.tasks[:1], stream.n_out, stream.input_shape,
+                  eval_tasks=stream.eval_tasks[:2])
+
+
+def learner(lab: lm.Lab, setup: str, rank: int = 8, alpha: float = 16.0, seed: int = 0) -> tuple[nn.Module, Method]:
+    """The model and method of one of ``SETUPS``: full fine-tuning of a copy of the LM, or LoRA (rank, α) on
+    all projections (shared through the stream, or one adapter per task routed by the task id), on the
+    attention projections only, or on the MLP projections only (both shared)."""
+    _validate.one_of("setup", setup, SETUPS)
+    if setup == "full fine-tuning":
+        return lab.copy().as_classifier(), Method()
+    model = lm_lora.lora_lm(lab, rank, alpha, where=_WHERE[setup], seed=seed)
+    return model, PerTaskLoRA() if setup == "per-task LoRA" else SharedLoRA()
+
+
+def as_lm(model: nn.Module) -> nn.Module:
+    """What ``lm.evaluate`` reads: the adapted classifier inside a ``LoRAModel``, or the model itself."""
+    return model.net if isinstance(model, LoRAModel) else model
+
+
+@dataclass
+class LMResult:
+    """One setup trained through the LM stream: the run, the trained model and method, and the end row of
+    ``lm.evaluate`` (pretraining facts, paraphrases, perplexity) read through what the method predicts with."""
+
+    setup: str
+    run: train.Run
+    model: nn.Module
+    method: Method
+    end: dict
+    trainable: int
+
+
+def run_setup(lab: lm.Lab, stream: Stream, setup: str, *, rank: int = 8, alpha: float = 16.0, steps: int = 50,
+              lr: float = 1e-3, batch_size: int = 32, seed: int = 0, eval_every: int | None = None,
+              extra: Sequence[Method] = (), max_facts: int | None = None,
+              device: str | torch.device = "cpu") -> LMResult:
+    """Train ``setup`` (one of ``SETUPS``) through ``stream`` with ``extra`` methods beside it (replay, KL: on a
+    LoRA model they act through the adapters); per-task LoRA reads the pretraining facts and general text
+    through the bare backbone (task 0 has no adapter), every other setup through its trained model.
+    ``max_facts`` bounds the end evaluation (a seeded subset of the pretraining renderings)."""
+    model, method = learner(lab, setup, rank, alpha, seed)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    extra = [lm_lora.ThroughAdapters(m) if isinstance(model, LoRAModel) else m for m in extra]
+    run = train.fit(model, stream, [method, *extra], steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                    eval_every=eval_every, eval_samples=max(len(t.y_test) for t in stream.eval_tasks),
+                    device=device, progress=False)
+    with contextlib.ExitStack() as stack:
+        if isinstance(method, PerTaskLoRA):
+            stack.enter_context(model.using())
+        end = lm.evaluate(as_lm(model), lab.tokenizer, lab.world, max_facts=max_facts, seed=seed)
+    return LMResult(setup, run, model, method, end, trainable)
+
+
+def new_tasks_R(run: train.Run) -> np.ndarray:
+    """R over the trained tasks only: [T, T] (column 0, the pretraining facts, dropped)."""
+    return run.R[:, 1:]
+
+
+def summary(results: Sequence[LMResult] | dict[str, LMResult], base: dict) -> pd.DataFrame:
+    """One row per result (labelled by its setup, or by the mapping's keys): trainable parameters, mean recall of
+    each task just after learning it and at the end, BWT over the new tasks, and what the pretraining kept (fact
+    recall, paraphrase recall, perplexity); a last row for the pretrained LM (``base``, a row of ``lm.evaluate``)."""
+    labelled = results.items() if isinstance(results, dict) else [(r.setup, r) for r in results]
+    rows = {}
+    for label, r in labelled:
+        R = new_tasks_R(r.run)
+        rows[label] = {"trainable": r.trainable, "learned (mean, just after)": R.diagonal().mean(),
+                       "new tasks at the end": R[-1].mean(), "BWT": metrics.backward_transfer(R),
+                       "pretraining recall": r.end["recall"], "paraphrase": r.end["paraphrase"],
+                       "perplexity": r.end["perplexity"]}
+    if len(rows) != len(labelled):
+        raise ValueError("results must have distinct labels: pass a dict {label: result} for repeated setups")
+    rows["pretrained LM"] = {"trainable": 0, "pretraining recall": base["recall"], "paraphrase": base["paraphrase"],
+                             "perplexity": base["perplexity"]}
+    return pd.DataFrame(rows).T
+
+
+def plot_lm_R(results: Sequence[LMResult], stream: Stream):
+    """One accuracy matrix per setup (rows: after training task i; columns: the pretraining facts, then each task)."""
+    fig, axes = plt.subplots(1, len(results), figsize=(3.1 * len(results), 3.0), squeeze=False)
+    names = ["pretrain", *(t.name.replace("new people 1", "people").replace("Q&A lives_in", "Q&A")
+                           for t in stream.tasks)]
+    for ax, r in zip(axes[0], results, strict=True):
+        plots.accuracy_matrix(r.run.R, ax, r.setup, task_names=names)
+        ax.set_yticks(range(len(r.run.R)), names[1:])
+        ax.set_ylabel("after training")
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def without_task_id(result: LMResult, lab: lm.Lab, stream: Stream, max_facts: int | None = None) -> dict:
+    """Per-task LoRA with every adapter switched on (no task id, the same function as merging them all):
+    recall on each trained task, the pretraining facts and general perplexity."""
+    model, method = result.model, result.method
+    if not isinstance(method, PerTaskLoRA):
+        raise TypeError(f"result must be a per-task LoRA run, got {result.setup!r}")
+    with model.using(*method.adapter_of.values()):
+        end = lm.evaluate(as_lm(model), lab.tokenizer, lab.world, max_facts=max_facts)
+        tasks = {t.name: lm.recall(as_lm(model), lab.tokenizer, t.test_facts) for t in stream.tasks}
+    return {**tasks, "pretraining recall": end["recall"], "perplexity": end["perplexity"]}
+
+
+@torch.no_grad()
+def never_emitted(lab: lm.Lab, stream: Stream, relation_task: int = 2) -> dict:
+    """Why LoRA cannot learn the new relation: its objects never appeared in pretraining. The norm of their
+    (tied) embedding rows against the pretrained objects', and the probability the base LM gives them."""
+    task = stream.eval_tasks[relation_task]
+    new = sorted(set(task.y_test.tolist()))
+    old = sorted(set(stream.eval_tasks[0].y_test.tolist()))
+    rows = lab.model.get_output_embeddings().weight  # [V, d]
+    probs = lab.as_classifier()(task.x_test).softmax(-1)  # [N, V]
+    return {"new objects' row norm": rows[new].norm(dim=1).mean().item(),
+            "pretrained objects' row norm": rows[old].norm(dim=1).mean().item(),
+            "base LM's probability on the new objects": probs[:, new].sum(1).mean().item()}
+
+
+# ---------------------------------------------------------------- learns less, forgets less (LM)
+
+def lm_path(run: train.Run, task: int = 1) -> pd.DataFrame:
+    """During the first new task: step, that task's recall and the pretraining facts' recall (continual evaluation)."""
+    end = run.boundaries[1] if len(run.boundaries) > 1 else run.curves.step.max()
+    c = run.curves[run.curves.step <= end]
+    wide = c.pivot_table(index="step", columns="task", values="accuracy")
+    return pd.DataFrame({"step": wide.index, "new task": wide[task].to_numpy(), "pretraining": wide[0].to_numpy()})
+
+
+def kept_at(path: pd.DataFrame, learned: float) -> float:
+    """Pretraining recall at the first evaluation where the new task's recall reaches ``learned`` (NaN if never)."""
+    reached = path[path["new task"] >= learned]
+    return float(reached["pretraining"].iloc[0]) if len(reached) else float("nan")
+
+
+def plot_lm_tradeoff(paths: dict[str, pd.DataFrame], base_recall: float, ax=None):
+    """Pretraining-fact recall against new-task recall along training, one line per learner."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 4))
+    for label, path in paths.items():
+        ax.plot(path["new task"], path["pretraining"], ".-", label=label)
+    ax.axhline(base_recall, color="tab:green", ls=":", label="pretrained LM")
+    ax.set(xlabel="new people's facts: recall", ylabel="pretraining facts: recall, same model",
+           title="learning against forgetting (LM)")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def delta_ranks(before: nn.Module, after: nn.Module, targets: Sequence[str], energy: float = 0.9) -> pd.DataFrame:
+    """For every projection named by ``targets``: the number of singular directions that hold ``energy`` of
+    ‖ΔW‖²_F, ΔW = W_after − W_before (weights as [out, in]; 0 for an unchanged weight), and the matrix's full rank."""
+    _validate.in_range("energy", energy, 0.0, 1.0, high_open=True)
+    rows = []
+    for name in target_names(before, targets):
+        w0 = lm.weight_out_in(before.get_submodule(name))
+        w1 = lm.weight_out_in(after.get_submodule(name))
+        s = torch.linalg.svdvals((w1 - w0).double())  # descending
+        share = s.pow(2).cumsum(0) / s.pow(2).sum().clamp_min(1e-300)
+        directions = int((share < energy).sum()) + 1 if s.max() > 0 else 0
+        rows.append({"module": name, "directions for 90 %": directions,
+                     "full rank": min(w0.shape)})
+    return pd.DataFrame(rows).set_index("module")
+
+
+# ---------------------------------------------------------------- cost
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """What an optimizer has actually allocated: state tensors, their numbers and bytes (after at least one step)."""
+    tensors = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return {"state tensors": len(tensors), "state numbers": sum(t.numel() for t in tensors),
+            "state bytes": sum(t.numel() * t.element_size() for t in tensors)}
+
+
+def measured_cost(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3) -> dict:
+    """Trainable parameters of ``model`` and the Adam state allocated by one step on (x, y)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    return {"trainable": sum(p.numel() for p in params), **optimizer_state(opt)}
+
+
+def lm_cost_table(lab: lm.Lab, stream: Stream, ranks: Sequence[int] = (1, 4, 8, 16, 64),
+                  alpha_per_rank: float = 2.0) -> pd.DataFrame:
+    """Full fine-tuning against LoRA (all projections) at each rank: trainable parameters and the Adam state
+    actually allocated after one step (tensors, numbers, MiB), and the state as a share of full fine-tuning's."""
+    x, y, _ = stream.tasks[0].sample(32, seed=0)
+    rows = {"full fine-tuning": measured_cost(lab.copy().as_classifier(), x, y)}
+    for r in ranks:
+        rows[f"LoRA r = {r}"] = measured_cost(lm_lora.lora_lm(lab, r, alpha_per_rank * r), x, y)
+    table = pd.DataFrame(rows).T
+    table["state MiB"] = table["state bytes"] / 2**20
+    table["state / full"] = table["state numbers"] / table.loc["full fine-tuning", "state numbers"]
+    return table.drop(columns="state bytes")
+
+
+# ---------------------------------------------------------------- playground (LM)
+
+def lm_point(rank: int, alpha: float, replay_share: float, steps: int = 30, lr: float = 1e-3, seed: int = 0,
+             n_pretrained: int = 300, max_facts: int = 400) -> dict:
+    """The playground: one shared LoRA (rank, α) on the first new task (new people), with replay of
+    pretraining text at ``replay_share`` of the supervised tokens; what it learned and what the LM kept."""
+    _validate.positive_int("rank", rank)
+    _validate.positive("alpha", alpha)
+    _validate.in_range("replay_share", replay_share, 0.0, 1.0, high_open=True)
+    lab = lab_of(seed)
+    stream = first_new_task(lm_stream(lab, n_pretrained=n_pretrained, seed=seed))
+    replay = TextReplay(lab, replay_share, seed=seed) if replay_share > 0 else None
+    result = run_setup(lab, stream, "shared LoRA", rank=rank, alpha=alpha, steps=steps, lr=lr, seed=seed,
+                       extra=[replay] if replay else [], max_facts=max_facts)
+    return {"rank": rank, "alpha": alpha, "replay share": replay_share, "new people": float(result.run.R[0, 1]),
+            "pretraining recall": result.end["recall"], "perplexity": result.end["perplexity"],
+            "replayed share": replay.share if replay else 0.0, "adapter parameters": result.trainable,
+            **{f"base {k}": v for k, v in _base_row(seed, max_facts).items()}}
+
+
+@lru_cache(maxsize=8)
+def _base_row(seed: int, max_facts: int | None) -> dict:
+    lab = lab_of(seed)
+    row = lm.evaluate(lab.model, lab.tokenizer, lab.world, max_facts=max_facts, seed=seed)
+    return {"recall": row["recall"], "perplexity": row["perplexity"]}
+
+
+def plot_lm_point(result: dict):
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(7.5, 3.2), gridspec_kw={"width_ratios": [2, 1]})
+    labels, values = ["new people", "pretraining facts"], [result["new people"], result["pretraining recall"]]
+    ax.bar(labels, values, color=["tab:blue", "tab:orange"])
+    ax.axhline(result["base recall"], color="tab:green", ls=":", label="pretrained LM")
+    for i, v in enumerate(values):
+        ax.text(i, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+    ax.set(ylim=(0, 1.05), ylabel="recall after the task")
+    ax.legend(fontsize=7, loc="lower right")
+    bx.bar(["perplexity"], [result["perplexity"]], color="tab:red")
+    bx.axhline(result["base perplexity"], color="tab:green", ls=":")
+    bx.text(0, result["perplexity"], f"{result['perplexity']:.2f}", ha="center", va="bottom", fontsize=8)
+    bx.set(ylabel="general perplexity")
+    fig.suptitle(f"LoRA r={result['rank']}, α={result['alpha']:g}, replay {result['replay share']:.0%} of tokens "
+                 f"({result['adapter parameters']:,} parameters)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ================================================================ the MLP (permuted MNIST)
 
 # ---------------------------------------------------------------- the stream and the backbone
 
@@ -185,97 +483,8 @@ def own_rowspace_share(model: LoRAModel, adapter_of: dict[int, int], stream: Str
     return pd.Series(shares, name="share of ‖x‖² in A_j's row space")
 
 
-class OutputLog(Method):
-    """At every task end, the predictor's logits on a fixed input of each task trained so far (put it after the
-    method in the list, so it sees the method's final state): ``outputs[task_id]`` is a list of [N, n_out]."""
-
-    name = "output log"
-
-    def __init__(self, predictor: Method, inputs: dict[int, torch.Tensor]) -> None:
-        self.predictor, self.inputs = predictor, inputs
-        self.outputs: dict[int, list[torch.Tensor]] = {task_id: [] for task_id in inputs}
-
-    @torch.no_grad()
-    def on_task_end(self, ctx: Context) -> None:
-        was_training = ctx.model.training
-        ctx.model.eval()
-        for task_id, x in self.inputs.items():
-            if task_id <= ctx.task.id:
-                t = torch.full((len(x),), task_id, dtype=torch.long, device=ctx.device)
-                self.outputs[task_id].append(self.predictor.logits(ctx.model, ctx.stream, x.to(ctx.device), t).cpu())
-        ctx.model.train(was_training)
-
-    def unchanged(self) -> bool:
-        """True when every task's logits are bit-identical at every recorded task end."""
-        return all(torch.equal(outs[0], later) for outs in self.outputs.values() for later in outs[1:])
-
-
 def adapter_norms(model: LoRAModel, adapters: Sequence[int]) -> pd.DataFrame:
     """Frobenius norms of A and of ΔW = (α/r)BA in the first layer, per adapter."""
     layer = model.lora_layers()[0]
     return pd.DataFrame([{"adapter": i, "‖A‖_F": layer.A[i].norm().item(),
                           "‖ΔW‖_F": layer.delta_weight(i).norm().item()} for i in adapters]).set_index("adapter")
-
-
-# ---------------------------------------------------------------- cost
-
-def cost_table(in_dim: int = 784, hidden: Sequence[int] = (100, 100), n_out: int = 10, n_tasks: int = 4,
-               ranks: Sequence[int] = (1, 4, 16, 64)) -> pd.DataFrame:
-    """Numbers kept per new task: a LoRA adapter set per rank, a progressive column (with its laterals to the
-    earlier columns when it is the n_tasks-th), and per-task EWC's Fisher + anchor (two network copies)."""
-    _validate.positive_int("n_tasks", n_tasks)
-    dims = [in_dim, *hidden, n_out]
-    network = sum(a * b + b for a, b in pairwise(dims))
-    rows = [{"per new task": f"LoRA adapter set, r = {r}", "numbers": lora_parameter_count(dims, r)} for r in ranks]
-    column_with_laterals = (prognn_parameter_count(in_dim, hidden, n_out, n_tasks)
-                            - prognn_parameter_count(in_dim, hidden, n_out, n_tasks - 1))
-    rows += [{"per new task": f"ProgNN column (task {n_tasks}, with laterals)", "numbers": column_with_laterals},
-             {"per new task": "per-task EWC: Fisher + anchor", "numbers": 2 * network}]
-    table = pd.DataFrame(rows).set_index("per new task")
-    table["/ network"] = table["numbers"] / network
-    return table
-
-
-# ---------------------------------------------------------------- playground
-
-@lru_cache(maxsize=64)
-def rank_alpha_point(rank: int, alpha: float, steps: int = 150, base_steps: int = 300, lr: float = 1e-3,
-                     hidden: tuple[int, ...] = (100, 100), seed: int = 0, device: str = "cpu") -> dict:
-    """The playground: one rank-``rank`` adapter with scale α/r on permuted task 1, on the cached backbone;
-    new-task accuracy and base-task retention, with full fine-tuning's end point for reference."""
-    _validate.positive_int("rank", rank)
-    _validate.positive("alpha", alpha)
-    stream = permuted_stream(4)
-    backbone, base_acc = cached_backbone(4, hidden, base_steps, seed, device)
-    point = lora_point(backbone, stream, rank, float(alpha), steps, lr, seed, device)
-    full = _full_end(hidden, base_steps, steps, lr, seed, device)
-    return {**point, "backbone base": base_acc, "full new": full[0], "full base": full[1]}
-
-
-@lru_cache(maxsize=8)
-def _full_end(hidden: tuple[int, ...], base_steps: int, steps: int, lr: float, seed: int,
-              device: str) -> tuple[float, float]:
-    backbone, _ = cached_backbone(4, hidden, base_steps, seed, device)
-    run = train.fit(backbone, after_base(permuted_stream(4), 1), steps=steps, lr=lr, seed=seed, device=device,
-                    progress=False)
-    return float(run.R[0, 1]), float(run.R[0, 0])
-
-
-def plot_rank_alpha(result: dict):
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    labels = ["new task", "base task"]
-    lora = [result["new task"], result["base task"]]
-    full = [result["full new"], result["full base"]]
-    positions = np.arange(2)
-    ax.bar(positions - 0.2, lora, 0.4, label=f"LoRA r={result['rank']}, α={result['alpha']:g}")
-    ax.bar(positions + 0.2, full, 0.4, color="0.5", label="full fine-tuning")
-    ax.axhline(result["backbone base"], color="tab:green", ls=":", label="backbone on base task")
-    for x, value in zip([*(positions - 0.2), *(positions + 0.2)], [*lora, *full]):
-        ax.text(x, value + 0.01, f"{value:.2f}", ha="center", fontsize=8)
-    ax.set_xticks(positions, labels)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy after one new task")
-    ax.set_title(f"{result['adapter parameters']:,} adapter parameters", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig

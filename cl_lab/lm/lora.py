@@ -16,6 +16,8 @@ Target names are PEFT's: a module is adapted when its name is the target or ends
 from __future__ import annotations
 
 import copy
+import dataclasses
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +26,7 @@ from torch import nn
 from cl_lab import _validate
 from cl_lab.lm.lab import Lab, LMClassifier
 from cl_lab.lm.layout import layout
+from cl_lab.methods.base import Context, Method
 from cl_lab.methods.lora import LoRALinear, LoRAModel
 
 WHERE = ("all", "attention", "mlp")
@@ -74,7 +77,9 @@ def peft_twin(model: LoRAModel, adapter: int = 0) -> nn.Module:
     base = model.merged().lm  # the frozen LM with no adapter folded in: the original weights
     config = LoraConfig(r=rank, lora_alpha=scale * rank, target_modules=list(model.targets), lora_dropout=0.0,
                         fan_in_fan_out=first.fan_in_fan_out, init_lora_weights=True, bias="none")
-    twin = get_peft_model(copy.deepcopy(base), config)
+    with warnings.catch_warnings():  # transformers' own deprecation notice, raised inside PEFT
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        twin = get_peft_model(copy.deepcopy(base), config)
     inner = twin.get_base_model()
     peft_layers = {name for name, m in inner.named_modules() if hasattr(m, "lora_A")}
     if peft_layers != set(layers):
@@ -98,3 +103,23 @@ def adapter_pairs(model: LoRAModel, twin: nn.Module, adapter: int = 0) -> list[t
             pairs += [(layer.A[adapter], target.lora_A["default"].weight),
                       (layer.B[adapter], target.lora_B["default"].weight)]
     return pairs
+
+
+class ThroughAdapters(Method):
+    """An LM method written for the plain classifier view (``lm.TextReplay``, ``lm.KLToBase``) used on a
+    ``LoRAModel``: its loss term is computed on the adapted classifier inside (``model.net``), so replay and
+    the KL term pass through the adapters. Put it beside ``SharedLoRA`` or ``PerTaskLoRA`` in ``train.fit``."""
+
+    def __init__(self, method: Method) -> None:
+        if not isinstance(method, Method):
+            raise TypeError(f"method must be a cl_lab Method, got {type(method).__name__}")
+        self.method = method
+        self.name = method.name
+
+    def extra_loss(self, ctx: Context, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+                   logits: torch.Tensor) -> torch.Tensor | None:
+        model = ctx.model.net if isinstance(ctx.model, LoRAModel) else ctx.model
+        return self.method.extra_loss(dataclasses.replace(ctx, model=model), x, y, t, logits)
+
+    def describe(self) -> dict:
+        return {**self.method.describe(), "through": "adapters"}

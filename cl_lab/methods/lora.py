@@ -2,10 +2,14 @@
 
 - ``LoRALinear``: LoRA (Hu et al. 2021, arXiv 2106.09685, eq. 3): h = W₀x + (α/r)·B A x with W₀ frozen,
   A [r, d_in] random and B [d_out, r] zero at initialisation, so the adapted layer equals W₀ bit for bit
-  until B moves. This is also PEFT's convention (scale α/r, B zero-initialised). A layer may hold several
-  adapters; the ``active`` ones are summed.
-- ``LoRAModel``: every ``nn.Linear`` of a network wrapped in a ``LoRALinear``, the backbone frozen, one
-  adapter made at construction; ``merged()`` folds adapters into plain weights (W₀ + Σ ΔWᵢ).
+  until B moves. This is also PEFT's convention (scale α/r, B zero-initialised, A drawn like nn.Linear's
+  weight: U(±1/√d_in), PEFT's ``kaiming_uniform_(a=√5)``). The frozen projection is an ``nn.Linear``
+  (weight [out, in], y = x Wᵀ + b) or a ``transformers`` ``Conv1D`` as in GPT-2 (weight [in, out],
+  y = x W + b; PEFT's ``fan_in_fan_out=True``): the adapter path x Aᵀ Bᵀ is the same for both. A layer may
+  hold several adapters; the ``active`` ones are summed.
+- ``LoRAModel``: the chosen projections of a network (every ``nn.Linear``, or the modules named by
+  ``targets``, PEFT-style name suffixes such as ``"c_attn"`` or ``"mlp.c_proj"``) wrapped in ``LoRALinear``,
+  the backbone frozen, one adapter made at construction; ``merged()`` folds adapters into plain weights.
 - ``SharedLoRA``: one adapter trained through every task (no task id needed, and it forgets).
 - ``PerTaskLoRA``: one adapter per task, the older ones frozen; the task id routes a test input to its
   adapter (or, with ``routing="sum"``, every adapter is active at once).
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -40,14 +45,30 @@ def lora_parameter_count(layer_dims: Sequence[int], rank: int) -> int:
     return sum(rank * (d_in + d_out) for d_in, d_out in zip(layer_dims[:-1], layer_dims[1:]))
 
 
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus low-rank adapters: y = W₀x + b + Σ_{i ∈ active} (αᵢ/rᵢ)·Bᵢ Aᵢ x."""
+def is_conv1d(module: nn.Module) -> bool:
+    """True for a ``transformers`` ``Conv1D`` (GPT-2's projections, weight [in, out]); cl_lab never imports
+    transformers itself, so a model holding one has already imported it."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
 
-    def __init__(self, base: nn.Linear) -> None:
+
+def is_projection(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+class LoRALinear(nn.Module):
+    """A frozen projection plus low-rank adapters: y = base(x) + Σ_{i ∈ active} (αᵢ/rᵢ)·x Aᵢᵀ Bᵢᵀ.
+
+    ``base`` is an ``nn.Linear`` (weight [out, in]) or a GPT-2 ``Conv1D`` (weight [in, out]:
+    ``fan_in_fan_out`` is True). x may carry any leading dimensions: [..., d_in] → [..., d_out].
+    """
+
+    def __init__(self, base: nn.Module) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        if not is_projection(base):
+            raise TypeError(f"base must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
         self.base = base
+        self.fan_in_fan_out = is_conv1d(base)
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.A = nn.ParameterList()  # each [r, d_in]
@@ -57,11 +78,11 @@ class LoRALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return self.base.weight.shape[0 if self.fan_in_fan_out else 1]
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return self.base.weight.shape[1 if self.fan_in_fan_out else 0]
 
     def add_adapter(self, rank: int, alpha: float, generator: torch.Generator | None = None) -> int:
         """Append an adapter (A: nn.Linear's uniform init ±1/√d_in, B: zeros); returns its index."""
@@ -88,45 +109,66 @@ class LoRALinear(nn.Module):
         return self.scales[i] * self.B[i] @ self.A[i]
 
     def adapter_output(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """What adapter i adds to the layer's output for inputs x [N, d_in]: [N, d_out]."""
+        """What adapter i adds to the layer's output for inputs x [..., d_in]: [..., d_out]."""
         self.check_adapter(i)
-        return self.scales[i] * (x @ self.A[i].T) @ self.B[i].T  # [N, r] -> [N, d_out]
+        return (x @ self.A[i].T) @ self.B[i].T * self.scales[i]  # [..., r] -> [..., d_out]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, d_in] -> [N, d_out]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., d_in] -> [..., d_out]
         out = self.base(x)
         for i in self.active:
             out = out + self.adapter_output(x, i)
         return out
 
 
-class LoRAModel(nn.Module):
-    """A copy of ``base`` with every ``nn.Linear`` wrapped in a ``LoRALinear``: the backbone frozen, one adapter
-    of rank ``rank`` and scale α/r made (trainable, active) at construction; ``add_adapter`` makes more."""
+def target_names(model: nn.Module, targets: Sequence[str] | None) -> list[str]:
+    """The qualified names of the projections LoRA adapts: every ``nn.Linear`` (``targets=None``), or every
+    ``nn.Linear``/``Conv1D`` whose name is a target or ends with ``"." + target`` (PEFT's matching rule:
+    ``"c_proj"`` takes both GPT-2 projections of that name, ``"mlp.c_proj"`` only the MLP's)."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if targets is None:
+        return [n for n, m in named if isinstance(m, nn.Linear)]
+    if isinstance(targets, str) or not targets:
+        raise ValueError(f"targets must be a non-empty list of module names, got {targets!r}")
+    projections = [n for n, m in named if is_projection(m)]
+    chosen = []
+    for target in targets:
+        hits = [n for n in projections if n == target or n.endswith("." + target)]
+        if not hits:
+            suffixes = sorted({n.split(".")[-1] for n in projections})
+            raise ValueError(f"targets must name projection modules of the model (name suffixes such as "
+                             f"{suffixes}), got {target!r}, which matches none")
+        chosen += [n for n in hits if n not in chosen]
+    return [n for n in projections if n in chosen]  # model order
 
-    def __init__(self, base: nn.Module, rank: int = 4, alpha: float = 8.0, seed: int = 0) -> None:
+
+class LoRAModel(nn.Module):
+    """A copy of ``base`` with its projections wrapped in ``LoRALinear`` (every ``nn.Linear``, or the modules
+    ``targets`` names: see ``target_names``): the backbone frozen, one adapter of rank ``rank`` and scale α/r
+    made (trainable, active) at construction; ``add_adapter`` makes more. Adapter A matrices are drawn from
+    ``seed``, layer by layer in model order."""
+
+    def __init__(self, base: nn.Module, rank: int = 4, alpha: float = 8.0, seed: int = 0,
+                 targets: Sequence[str] | None = None) -> None:
         super().__init__()
         if not isinstance(base, nn.Module):
             raise TypeError(f"base must be an nn.Module, got {type(base).__name__}")
         self.rank = _validate.positive_int("rank", rank)
         self.alpha = _validate.positive("alpha", alpha)
         _validate.non_negative_int("seed", seed)
-        self.net = copy.deepcopy(base)
-        self._wrap(self.net)
-        if not self.lora_layers():
+        self.targets = None if targets is None else tuple(targets)
+        names = target_names(base, targets)
+        if not names:
             raise ValueError(f"base must contain at least one nn.Linear, got {type(base).__name__} with none")
+        self.net = copy.deepcopy(base)
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            owner = self.net.get_submodule(parent) if parent else self.net
+            setattr(owner, child, LoRALinear(getattr(owner, child)))
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.generator = torch.Generator().manual_seed(seed)
         self.train_only(self.add_adapter())
         self.activate(0)
-
-    @staticmethod
-    def _wrap(module: nn.Module) -> None:
-        for name, child in module.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(module, name, LoRALinear(child))
-            else:
-                LoRAModel._wrap(child)
 
     def lora_layers(self) -> list[LoRALinear]:
         return [m for m in self.net.modules() if isinstance(m, LoRALinear)]
@@ -182,7 +224,7 @@ class LoRAModel(nn.Module):
 
     @torch.no_grad()
     def merged(self, *adapters: int) -> nn.Module:
-        """A plain network (no LoRA layers) with W = W₀ + Σ_{i ∈ adapters} ΔWᵢ folded into each Linear."""
+        """A plain network (no LoRA layers) with W = W₀ + Σ_{i ∈ adapters} ΔWᵢ folded into each projection."""
         for i in adapters:
             self.check_adapter(i)
         plain = copy.deepcopy(self.net)
@@ -192,7 +234,8 @@ class LoRAModel(nn.Module):
                 if isinstance(child, LoRALinear):
                     linear = child.base
                     for i in adapters:
-                        linear.weight += child.delta_weight(i)
+                        delta = child.delta_weight(i)  # [d_out, d_in]
+                        linear.weight += delta.T if child.fan_in_fan_out else delta
                     setattr(module, name, linear)
                 else:
                     unwrap(child)
