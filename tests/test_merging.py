@@ -1,12 +1,12 @@
-"""Model merging (chapter 10): the merge operations on hand-made state dicts, DARE's unbiasedness, argument
-checks, the barrier, and the playground callback."""
+"""Model merging (chapter 10): the merge operations on hand-made state dicts, every merge against
+``peft.utils.merge_utils`` on the same inputs, DARE's unbiasedness, argument checks, and the MLP's barrier."""
 
 import math
 
 import matplotlib
-import numpy as np
 import pytest
 import torch
+from peft.utils import merge_utils
 
 from cl_lab.chapters import ch10
 from cl_lab.methods import merging
@@ -136,12 +136,13 @@ def test_lambda_must_be_a_finite_number(lam):
         merging.task_arithmetic(base, [base], lam)
 
 
-@pytest.mark.parametrize("density", [0.0, -0.1, 1.5])
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, math.nan])
 def test_density_must_be_in_zero_one(density):
     base = _state(0)
-    with pytest.raises(ValueError, match="density"):
+    message = rf"density must be in \(0, 1\] \(the share of entries kept\), got {density}"
+    with pytest.raises(ValueError, match=message):
         merging.ties_merge(base, [base], density)
-    with pytest.raises(ValueError, match="density"):
+    with pytest.raises(ValueError, match=message):
         merging.ties_trim(base, density)
 
 
@@ -161,6 +162,11 @@ def test_mismatched_keys_and_shapes_are_named():
     base = _state(0)
     with pytest.raises(ValueError, match=r"task_vectors\[1\].*missing \['b'\]"):
         merging.task_arithmetic(base, [base, {"w": base["w"]}], 1.0)
+    with pytest.raises(ValueError, match=r"task_vectors\[0\] must have the same keys as base: missing \[\], "
+                                         r"extra \['c'\]"):
+        merging.ties_merge(base, [{**base, "c": base["b"]}], 0.5)
+    with pytest.raises(ValueError, match=r"task_vectors\[0\]\['b'\] must have shape \(4,\) like base, got \(5,\)"):
+        merging.dare_merge(base, [{"w": base["w"], "b": torch.zeros(5)}], 0.5)
     with pytest.raises(ValueError, match=r"states\[1\]\['w'\].*shape \(4, 3\)"):
         merging.average([base, {"w": torch.zeros(3, 4), "b": base["b"]}])
     with pytest.raises(ValueError, match="finetuned"):
@@ -173,6 +179,106 @@ def test_mismatched_keys_and_shapes_are_named():
         merging.average([base, base], weights=[0.5, 0.6])
 
 
+
+
+# ---------------------------------------------------------------- trim counts and scope
+
+
+def test_trim_keeps_exactly_floor_density_n_entries_per_tensor_or_over_the_whole_vector():
+    gen = torch.Generator().manual_seed(0)
+    tau = {"big": 10 + torch.rand(10, generator=gen), "small": torch.rand(30, generator=gen)}  # 40 entries
+    per_tensor = merging.ties_trim(tau, 0.25, per_tensor=True)
+    assert [int((per_tensor[k] != 0).sum()) for k in tau] == [2, 7]  # ⌊0.25·10⌋, ⌊0.25·30⌋
+    whole = merging.ties_trim(tau, 0.25)
+    assert int((whole["big"] != 0).sum()) == 10 and int((whole["small"] != 0).sum()) == 0  # the 10 largest of 40
+    kept = per_tensor["small"][per_tensor["small"] != 0]
+    assert kept.min() >= tau["small"].sort(descending=True).values[6]  # the largest ones survive, unchanged
+    assert merging.ties_trim(tau, 1.0)["small"].equal(tau["small"])
+
+
+def test_dare_at_p_zero_draws_nothing_as_peft_does_at_density_one():
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert _same(merging.dare(_state(1), 0.0, gen), _state(1))
+    assert torch.equal(gen.get_state(), state)
+
+
+# ---------------------------------------------------------------- equal to PEFT's merge_utils on the same inputs
+
+SHAPES = {"attn.weight": (12, 8), "attn.bias": (8,), "mlp.weight": (5, 3, 4), "scale": (1,)}
+
+
+def _inputs(seed: int, k: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    base = {name: torch.randn(shape, generator=gen) for name, shape in SHAPES.items()}
+    taus = [{name: torch.randn(shape, generator=gen) * 0.1 for name, shape in SHAPES.items()} for _ in range(k)]
+    return base, taus
+
+
+def _peft_merge(base, taus, fn, lam, seed=None, **kwargs):
+    """θ_0 + PEFT's merge of each tensor's task tensors, tensor by tensor in key order, weights λ."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    weights = torch.full((len(taus),), lam)
+    return {k: base[k] + fn([t[k] for t in taus], weights, **kwargs) for k in base}
+
+
+def _assert_equal_states(ours, theirs):
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-6, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("seed, lam", [(0, 1.0), (1, 0.4), (2, -0.7)])
+def test_task_arithmetic_equals_peft(seed, lam):
+    base, taus = _inputs(seed)
+    _assert_equal_states(merging.task_arithmetic(base, taus, lam),
+                         _peft_merge(base, taus, merge_utils.task_arithmetic, lam))
+
+
+@pytest.mark.filterwarnings("ignore:The density 1.0 is greater")
+@pytest.mark.parametrize("seed, density, lam", [(0, 0.2, 1.0), (1, 0.5, 1.7), (2, 0.9, 0.6), (3, 1.0, 1.0)])
+def test_ties_per_tensor_equals_peft(seed, density, lam):
+    base, taus = _inputs(seed)
+    _assert_equal_states(merging.ties_merge(base, taus, density, lam, per_tensor=True),
+                         _peft_merge(base, taus, merge_utils.ties, lam, density=density))
+
+
+def test_ties_on_one_tensor_is_the_same_either_way_and_differs_on_many():
+    base, taus = _inputs(4)
+    one = [{"attn.weight": t["attn.weight"]} for t in taus]
+    base_one = {"attn.weight": base["attn.weight"]}
+    _assert_equal_states(merging.ties_merge(base_one, one, 0.3), _peft_merge(base_one, one, merge_utils.ties, 1.0,
+                                                                            density=0.3))
+    assert not _same(merging.ties_merge(base, taus, 0.3), merging.ties_merge(base, taus, 0.3, per_tensor=True),
+                     atol=1e-6)
+
+
+@pytest.mark.parametrize("seed, p, lam", [(0, 0.5, 1.0), (1, 0.9, 0.8), (7, 0.3, 2.0)])
+def test_dare_linear_equals_peft_with_the_same_seed(seed, p, lam):
+    base, taus = _inputs(seed)
+    theirs = _peft_merge(base, taus, merge_utils.dare_linear, lam, seed=seed, density=1 - p)
+    _assert_equal_states(merging.dare_merge(base, taus, p, lam, seed=seed), theirs)
+    assert not _same(merging.dare_merge(base, taus, p, lam, seed=seed + 1), theirs, atol=1e-6)  # the seed matters
+
+
+@pytest.mark.parametrize("seed, p, lam", [(0, 0.5, 1.0), (1, 0.9, 0.8), (7, 0.3, 2.0)])
+def test_dare_ties_equals_peft_with_the_same_seed(seed, p, lam):
+    base, taus = _inputs(seed)
+    theirs = _peft_merge(base, taus, merge_utils.dare_ties, lam, seed=seed, density=1 - p)
+    _assert_equal_states(merging.dare_ties_merge(base, taus, p, lam, seed=seed), theirs)
+
+
+def test_dare_ties_drops_then_keeps_only_the_elected_sign():
+    base = {"w": torch.zeros(3)}
+    taus = [{"w": torch.tensor([1.0, -2.0, 3.0])}, {"w": torch.tensor([-4.0, 1.0, 3.0])}]
+    # p = 0 drops nothing: the elected signs are −, −, + and the disjoint means −4, −2, 3
+    assert torch.allclose(merging.dare_ties_merge(base, taus, 0.0)["w"], torch.tensor([-4.0, -2.0, 3.0]))
+
+
+# ---------------------------------------------------------------- the MLP: barrier and linear paths (ch10)
+
+
 def test_barrier_of_a_straight_line_is_zero_and_of_a_bump_is_its_height():
     assert ch10.barrier([1.0, 1.5, 2.0]) == pytest.approx(0.0)
     assert ch10.barrier([1.0, 3.0, 1.0]) == pytest.approx(2.0)
@@ -181,42 +287,30 @@ def test_barrier_of_a_straight_line_is_zero_and_of_a_bump_is_its_height():
         ch10.barrier([1.0])
 
 
-SMALL = {"hidden": (16,), "pretrain_steps": 5, "steps": 3, "n_tasks": 2, "seed": 0}
+SMALL = {"hidden": (16,), "pretrain_steps": 5, "steps": 3, "seed": 0}
 
 
-def test_merge_point_and_its_plot():
-    result = ch10.merge_point(lam=0.5, density=0.2, **SMALL)
-    assert result["task arithmetic"].shape == (3,) and result["TIES"].shape == (3,)
-    assert np.all((0 <= result["TIES"]) & (result["TIES"] <= 1))
-    assert ch10.plot_merge_point(result) is not None
-    zero = ch10.merge_point(lam=0.0, density=0.2, **SMALL)
-    setup = ch10.build_setup(**SMALL)
-    assert np.allclose(zero["task arithmetic"], setup.test(setup.base))  # λ = 0 is θ0
-    with pytest.raises(ValueError, match="density"):
-        ch10.merge_point(lam=1.0, density=0.0, **SMALL)
+def test_linear_path_ends_are_the_two_networks():
+    stream = ch10.mnist_stream(2)
+    a = ch10.random_init((16,), 0, torch.device("cpu"))
+    b = ch10.random_init((16,), 1, torch.device("cpu"))
+    sets = ch10.test_sets(stream)[1:2]
+    path = ch10.linear_path(a, b, sets, (16,), n_points=5)
+    assert list(path.alpha) == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+    assert path.accuracy.iloc[0] == pytest.approx(ch10.evaluate(a, sets, (16,)).accuracy[0])
+    assert path.loss.iloc[-1] == pytest.approx(ch10.evaluate(b, sets, (16,)).loss[0])
+    with pytest.raises(ValueError, match="n_points"):
+        ch10.linear_path(a, b, sets, (16,), n_points=1)
 
 
-def test_merge_widget_moves_headlessly(monkeypatch):
-    import ipywidgets as w
-    import matplotlib.pyplot as plt
-
-    from cl_lab import widgets
-
-    monkeypatch.setattr(plt, "show", lambda: None)
-    widget = widgets.sweep(ch10.merge_point, ch10.plot_merge_point, fixed=SMALL,
-                           lam=w.FloatSlider(value=0.8, min=0.0, max=2.0, step=0.1),
-                           density=w.FloatSlider(value=0.2, min=0.1, max=1.0, step=0.1))
-    lam_slider = widget.children[0]
-    lam_slider.value = 1.2
-    assert widget.result["lam"] == pytest.approx(1.2)
-    lam_slider.value = 0.8
-    assert widget.cache.hits == 1 and len(widget.figures) == 3
-
-
-def test_merged_accuracy_matrix_first_row_is_the_first_fine_tune():
-    setup = ch10.build_setup(**SMALL)
-    R = ch10.merged_accuracy_matrix(setup, lam=1.0)
-    assert R.shape == (2, 2)
-    assert np.allclose(R[0], setup.test(setup.finetuned[0])[1:])
-    summary = ch10.cl_summary({"merge": R})
-    assert set(summary.columns) == {"AA", "BWT"}
+def test_mode_connectivity_paths_and_their_plot():
+    paths = ch10.mode_connectivity(**SMALL)
+    assert list(paths) == ["fine-tunes of θ0 (same task)", "from scratch, same init", "from scratch, different inits",
+                           "fine-tunes of θ0 (tasks 1 and 2)"]
+    assert all(len(p) == 11 and p.alpha.iloc[-1] == 1.0 for p in paths.values())
+    fig = ch10.plot_paths(paths)
+    loss_ax, acc_ax = fig.axes
+    assert [line.get_label() for line in acc_ax.get_lines()] == list(paths)
+    for line, path in zip(acc_ax.get_lines(), paths.values()):
+        assert list(line.get_ydata()) == pytest.approx(list(path.accuracy))
+    assert acc_ax.get_ylim() == (0, 1) and loss_ax.get_ylabel() == "test loss"

@@ -1,15 +1,23 @@
-"""Chapter 10 helpers (model merging): a pretrained MLP and one fine-tune per permuted-MNIST task on a shared
-10-way head, evaluation of any state dict on every task, the λ / WiSE-FT / linear-path curves, the error
-barrier, merging as a continual learner, and the playground's cached callback.
+"""Chapter 10 helpers (model merging).
 
-Everything is a plain function of its arguments; the expensive part (training) is memoised by its full
-configuration, so the notebook, the widget and the tests share one set of trained models per setting.
+On the tiny language model (``cl_lab.lm``): one fine-tune of the pretrained LM per task (new people, a new
+relation, a question format), their task vectors, and every measurement the chapter makes of a merge: the λ
+curve, negation against a random-direction null, TIES and DARE with λ chosen on held-out facts, DARE's drop
+rate against the size of the delta, the merge against multi-task and sequential fine-tuning, LoRA adapters
+summed against routed, WiSE-FT's curve, and the playground's cached callback.
+
+On an MLP (permuted MNIST), what the LM cannot show cheaply: networks from different random initialisations
+have no shared basin (the loss barrier along the straight line between them).
+
+Everything is a plain function of its arguments; training is memoised by its full configuration, so the
+notebook, the widget and the tests share one set of trained models per setting.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import matplotlib.pyplot as plt
@@ -18,36 +26,427 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from cl_lab import _validate, data, metrics, models, train
+from cl_lab import _validate, data, lm, models, train
 from cl_lab.chapters.ch02 import mnist
 from cl_lab.data.streams import Stream, Task
 from cl_lab.device import pick_device, seed_everything
+from cl_lab.lm import merge as lm_merge
+from cl_lab.lm.evaluate import object_logits
 from cl_lab.methods import merging
 
 State = dict[str, torch.Tensor]
 
+# ================================================================ the language model
 
-# ---------------------------------------------------------------- data: original MNIST + permuted tasks
+LM_TASKS = (("subjects", 10), ("relation", 20), ("format", 60))  # (fact_stream kind, n_subjects): as chapter 09
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """Everything that decides the chapter's LM fine-tunes (and so the cache key)."""
+
+    seed: int = 0
+    tasks: tuple[tuple[str, int], ...] = LM_TASKS
+    steps: int = 100  # Adam steps per fine-tune
+    lr: float = 3e-4
+    batch_size: int = 16
+    replay: float = 0.5  # share of supervised tokens replayed from the pretraining corpus, every run alike
+    n_pretrained: int = 240  # pretraining renderings in the probe
+    n_general: int = 100  # held-out general sentences in the probe
+    lab: tuple[tuple[str, object], ...] = ()  # overrides of the tiny LM's own configuration (tests use a tinier LM)
+
+    def __post_init__(self) -> None:
+        _validate.non_negative_int("seed", self.seed)
+        _validate.positive_int("steps", self.steps)
+        _validate.positive("lr", self.lr)
+        _validate.positive_int("batch_size", self.batch_size)
+        _validate.in_range("replay", self.replay, 0.0, 1.0, high_open=True)
+
+
+def smoke_config(seed: int = 0) -> LMConfig:
+    """A configuration that runs in seconds: a one-layer LM pretrained for 30 steps, tiny tasks, 3 steps."""
+    lab = (("n_layer", 1), ("n_head", 2), ("n_embd", 32), ("n_subjects", 20), ("n_general", 100),
+           ("n_general_test", 20), ("steps", 30), ("batch_size", 16))
+    return LMConfig(seed=seed, tasks=(("subjects", 2), ("relation", 4), ("format", 6)), steps=3, lr=1e-3,
+                    batch_size=8, n_pretrained=24, n_general=10, lab=lab)
+
+
+@dataclass
+class LMSetup:
+    """The pretrained LM θ_0, one full fine-tune θ_k per task, τ_k = θ_k − θ_0, and the probe that scores them.
+
+    ``score(state)`` loads ``state`` into one scratch copy of the LM and returns the probe's row.
+    """
+
+    config: LMConfig
+    lab: lm.Lab
+    stream: Stream
+    probe: lm_merge.Probe
+    base: State
+    finetuned: tuple[State, ...]
+    task_vectors: tuple[State, ...]
+    _scratch: torch.nn.Module = field(repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.probe.names)
+
+    def score(self, state: State, split: str = "test", general: bool = True) -> dict[str, float]:
+        lm_merge.load_params(self._scratch, state)
+        return self.probe.score(self._scratch, split, general)
+
+    def recall(self, state: State, split: str = "test") -> np.ndarray:
+        """Each task's recall [K] (no pretraining facts, no perplexity: the fast score)."""
+        lm_merge.load_params(self._scratch, state)
+        return np.array(self.probe.recall(self._scratch, split))
+
+    def replay(self, seed: int):
+        """The replay every run of the chapter trains with (None at share 0)."""
+        return lm.TextReplay(self.lab, self.config.replay, seed=seed) if self.config.replay > 0 else None
+
+    def fine_tune(self, stream: Stream, *, steps: int | None = None, lr: float | None = None, seed: int = 0,
+                  start: State | None = None) -> State:
+        """Full fine-tuning from θ_0 (or ``start``) through ``stream`` at the chapter's settings."""
+        cfg = self.config
+        return lm_merge.fine_tune(self.lab, self.base if start is None else start, stream, steps=steps or cfg.steps,
+                               lr=lr or cfg.lr, batch_size=cfg.batch_size, seed=seed, method=self.replay(seed))
+
+
+def _cached_by_config(fn):
+    """Memoise ``fn(config, *args)`` by its arguments, after checking that ``config`` is an ``LMConfig``."""
+    cached = lru_cache(maxsize=4)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(config: LMConfig = LMConfig(), *args):
+        if not isinstance(config, LMConfig):
+            raise TypeError(f"config must be a ch10.LMConfig, got {type(config).__name__}")
+        return cached(config, *args)
+
+    wrapper.cache_clear = cached.cache_clear
+    return wrapper
+
+
+@_cached_by_config
+def lm_setup(config: LMConfig = LMConfig()) -> LMSetup:
+    """Load the tiny LM of ``config.seed`` and fine-tune a copy on each task alone (cached by ``config``)."""
+    lab = lm.tiny_lm(config.seed, progress=not config.lab, **dict(config.lab))
+    kinds, sizes = zip(*config.tasks)
+    stream = lm_merge.merge_stream(lab, kinds, sizes)
+    probe = lm_merge.make_probe(lab, stream, config.n_pretrained, config.n_general, seed=config.seed)
+    base = lm_merge.params_of(lab.model)
+    setup = LMSetup(config, lab, stream, probe, base, (), (), lm_merge.model_with(lab, base))
+    finetuned = tuple(setup.fine_tune(lm_merge.one_task(stream, k), seed=config.seed + k) for k in range(len(stream)))
+    setup.finetuned = finetuned
+    setup.task_vectors = tuple(merging.task_vector(ft, base) for ft in finetuned)
+    return setup
+
+
+def score_table(setup: LMSetup, states: dict[str, State], split: str = "test") -> pd.DataFrame:
+    """One row per named state: each task's recall, their mean, pretraining-fact recall and perplexity."""
+    return pd.DataFrame({label: setup.score(s, split) for label, s in states.items()}).T
+
+
+def own_recall(setup: LMSetup, split: str = "test") -> np.ndarray:
+    """Each fine-tune's recall on its own task [K]."""
+    return np.array([setup.recall(ft, split)[k] for k, ft in enumerate(setup.finetuned)])
+
+
+def cosine_matrix(task_vectors: Sequence[State]) -> np.ndarray:
+    """cos(τ_i, τ_j) for every pair: [K, K] with ones on the diagonal."""
+    k = len(task_vectors)
+    out = np.eye(k)
+    for i in range(k):
+        for j in range(i + 1, k):
+            out[i, j] = out[j, i] = merging.cosine_similarity(task_vectors[i], task_vectors[j])
+    return out
+
+
+# ---------------------------------------------------------------- task arithmetic and negation
+
+
+def lm_lambda_curve(setup: LMSetup, lams: Sequence[float], split: str = "test") -> pd.DataFrame:
+    """θ_0 + λ·Σ τ_k for each λ: every task's recall, the mean, pretraining-fact recall and perplexity."""
+    rows = [{"lam": float(lam), **setup.score(merging.task_arithmetic(setup.base, setup.task_vectors, lam), split)}
+            for lam in lams]
+    return pd.DataFrame(rows)
+
+
+def plot_lm_lambda_curve(curve: pd.DataFrame, names: Sequence[str], own: float | None = None,
+                         multitask: float | None = None):
+    """Task recall (each task and the mean) and pretraining-fact recall against λ; perplexity on a twin axis."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for name in names:
+        ax.plot(curve.lam, curve[name], ".-", lw=1, label=name)
+    ax.plot(curve.lam, curve["mean"], "k-", lw=2.5, label="mean over the tasks")
+    ax.plot(curve.lam, curve["pretrained"], "-", color="tab:brown", lw=2, label="pretraining facts")
+    if own is not None:
+        ax.axhline(own, color="k", ls=":", lw=1, label="fine-tunes, each on its own task")
+    if multitask is not None:
+        ax.axhline(multitask, color="tab:green", ls="--", lw=1, label="multi-task training")
+    soup = 1 / len(names)
+    ax.axvline(soup, color="grey", lw=0.8)
+    ax.text(soup, 0.02, " soup (λ = 1/K)", fontsize=7, color="grey")
+    ax.set(xlabel="λ", ylabel="recall (test half)", ylim=(0, 1.05), title="task arithmetic θ0 + λ Σ τ_k on the LM")
+    twin = ax.twinx()
+    twin.plot(curve.lam, curve["perplexity"], "--", color="tab:red", lw=1)
+    twin.set_ylabel("general perplexity (dashed)", color="tab:red")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def matched_noise(tau: State, seed: int) -> State:
+    """A random direction with τ's norm in every tensor (seeded): the null control for subtracting τ."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in tau.items():
+        noise = torch.randn(v.shape, generator=gen, dtype=v.dtype)
+        out[k] = noise * (v.norm() / noise.norm().clamp(min=1e-12))
+    return out
+
+
+def negation(setup: LMSetup, start: State, lams: Sequence[float] = (0.5, 1.0), seed: int = 0) -> pd.DataFrame:
+    """Forgetting on purpose: ``start`` − λ·τ_k for every task k and λ, and the null control ``start`` − λ·ε_k
+    with ε_k a random direction of τ_k's per-tensor norms. Rows: (subtracted, λ); columns: the probe's."""
+    rows = {("nothing", 0.0): setup.score(start)}
+    for k, (name, tau) in enumerate(zip(setup.names, setup.task_vectors)):
+        noise = matched_noise(tau, seed + k)
+        for lam in lams:
+            rows[(f"τ of {name}", lam)] = setup.score(merging.task_arithmetic(start, [merging.negate(tau)], lam))
+            rows[(f"random, ‖τ‖ of {name}", lam)] = setup.score(
+                merging.task_arithmetic(start, [merging.negate(noise)], lam))
+    table = pd.DataFrame(rows).T
+    table.index.names = ["subtracted", "λ"]
+    return table
+
+
+# ---------------------------------------------------------------- TIES and DARE, chosen on held-out facts
+
+
+def best_lambda(setup: LMSetup, make, lams: Sequence[float]) -> tuple[float, State]:
+    """The λ (and its merge) with the best mean validation recall over the tasks."""
+    best = None
+    for lam in lams:
+        state = make(lam)
+        val = setup.recall(state, "val").mean()
+        if best is None or val > best[0]:
+            best = (val, float(lam), state)
+    return best[1], best[2]
+
+
+def merge_grid(setup: LMSetup, lams: Sequence[float], densities: Sequence[float] = (0.2, 0.5),
+               drop_rates: Sequence[float] = (0.5, 0.9), seed: int = 0) -> pd.DataFrame:
+    """Task arithmetic, TIES at each density, DARE and DARE-TIES at each drop rate: each with the λ from
+    ``lams`` that maximises the mean validation recall, scored on the test halves (one row per merge)."""
+    base, taus = setup.base, setup.task_vectors
+    makers = {"task arithmetic": lambda lam: merging.task_arithmetic(base, taus, lam)}
+    for d in densities:
+        makers[f"TIES, density {d:g}"] = lambda lam, d=d: merging.ties_merge(base, taus, d, lam)
+    for p in drop_rates:
+        makers[f"DARE, p = {p:g}"] = lambda lam, p=p: merging.dare_merge(base, taus, p, lam, seed)
+        makers[f"DARE-TIES, p = {p:g}"] = lambda lam, p=p: merging.dare_ties_merge(base, taus, p, lam, seed)
+    rows = {}
+    for name, make in makers.items():
+        lam, state = best_lambda(setup, make, lams)
+        rows[name] = {"λ (validation)": lam, **setup.score(state)}
+    return pd.DataFrame(rows).T
+
+
+@_cached_by_config
+def delta_sizes(config: LMConfig = LMConfig(), task: int = 0, scales: tuple[float, ...] = (1.0, 3.0, 10.0)
+                ) -> dict[float, State]:
+    """τ of task ``task`` fine-tuned at each multiple of the chapter's learning rate (its steps and replay):
+    deltas that grow with the step size. Keyed by the learning rate; scale 1 is the chapter's own τ."""
+    setup = lm_setup(config)
+    one = lm_merge.one_task(setup.stream, task)
+    return {config.lr * scale: (setup.task_vectors[task] if scale == 1 else merging.task_vector(
+        setup.fine_tune(one, lr=config.lr * scale, seed=config.seed + task), setup.base)) for scale in scales}
+
+
+def dare_sweep(setup: LMSetup, deltas: dict[str, tuple[int, State]],
+               drop_rates: Sequence[float] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99), draws: int = 2,
+               seed: int = 0) -> pd.DataFrame:
+    """θ_0 + DARE_p(τ) for each named (task, τ) and drop rate p: recall of that task on all its test facts
+    (validation and test halves; mean over ``draws`` masks), beside τ's mean |τ| per weight (2-D weights) and
+    that relative to mean |θ_0|. Also the same drop at p = 0.9 without the 1/(1 − p) rescale: the null that
+    shows what the rescale does."""
+    _validate.positive_int("draws", draws)
+    scratch, pad = setup._scratch, setup.lab.tokenizer.pad_token_id
+    base_size = lm_merge.mean_abs(setup.base)
+    gen = torch.Generator().manual_seed(seed)
+    rows = {}
+    for label, (task, tau) in deltas.items():
+        x = torch.cat([setup.probe.val[task][0], setup.probe.test[task][0]])  # [N, L]
+        y = torch.cat([setup.probe.val[task][1], setup.probe.test[task][1]])  # [N]
+
+        def recall(state: State) -> float:
+            lm_merge.load_params(scratch, state)
+            return (object_logits(scratch, x, pad).argmax(1) == y).double().mean().item()
+
+        size = lm_merge.mean_abs(tau)
+        row = {"task": setup.names[task], "mean |τ|": size, "mean |τ| / mean |θ0|": size / base_size}
+        for p in drop_rates:
+            n = 1 if p == 0 else draws
+            row[p] = float(np.mean([recall(merging.add_task_vector(setup.base, merging.dare(tau, p, gen)))
+                                    for _ in range(n)]))
+        unscaled = {k: v * (1 - 0.9) for k, v in merging.dare(tau, 0.9, gen).items()}
+        row["p = 0.9, no rescale"] = recall(merging.add_task_vector(setup.base, unscaled))
+        rows[label] = row
+    return pd.DataFrame(rows).T.astype({c: float for c in ["mean |τ|", "mean |τ| / mean |θ0|", *drop_rates,
+                                                         "p = 0.9, no rescale"]})
+
+
+def safe_drop_rate(sweep: pd.DataFrame, tolerance: float = 0.05) -> pd.Series:
+    """Per row: the largest drop rate p whose recall stays within ``tolerance`` of the undropped delta's
+    (p = 0), scanning p upwards and stopping at the first that does not."""
+    rates = sorted(c for c in sweep.columns if isinstance(c, float))
+    out = {}
+    for label, row in sweep.iterrows():
+        safe = 0.0
+        for p in rates:
+            if row[p] < row[0.0] - tolerance:
+                break
+            safe = p
+        out[label] = safe
+    return pd.Series(out, name="largest safe p")
+
+
+def plot_dare_sweep(sweep: pd.DataFrame):
+    rates = [c for c in sweep.columns if isinstance(c, float)]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, row in sweep.iterrows():
+        ax.plot(rates, [row[p] for p in rates], "o-", ms=3, label=f"{label}: mean |τ| = {row['mean |τ|']:.1e}")
+    ax.set(xlabel="drop rate p (survivors × 1/(1 − p))", ylabel="task recall of θ0 + DARE_p(τ)", ylim=(0, 1.05),
+           title="DARE on one fine-tune: how much of the delta can go?")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- against multi-task and sequential training
+
+
+@_cached_by_config
+def multitask_and_sequential(config: LMConfig = LMConfig()) -> dict:
+    """From θ_0, at the chapter's settings: multi-task training on the balanced union of the tasks for K times
+    the steps of one fine-tune (as many samples as the K fine-tunes together), and sequential fine-tuning
+    through the tasks in order (its final state and its accuracy matrix R over the tasks)."""
+    setup = lm_setup(config)
+    k = len(setup.stream)
+    multitask = setup.fine_tune(lm_merge.balanced_union(setup.stream, config.seed), steps=config.steps * k,
+                                seed=config.seed)
+    model = lm_merge.model_with(setup.lab, setup.base)
+    run = train.fit(lm.LMClassifier(model, setup.lab.tokenizer.pad_token_id), setup.stream, setup.replay(config.seed),
+                    steps=config.steps, lr=config.lr, batch_size=config.batch_size, seed=config.seed,
+                    device="cpu", progress=False)
+    return {"multi-task": multitask, "sequential": lm_merge.params_of(model), "R": run.R}
+
+
+# ---------------------------------------------------------------- LoRA adapters: summed or routed
+
+
+@_cached_by_config
+def lora_deltas(config: LMConfig = LMConfig(), rank: int = 8, alpha: float = 16.0, lr: float = 1e-3
+                ) -> tuple[State, ...]:
+    """One LoRA adapter per task from θ_0 (PEFT, rank ``rank``, scale α/r, the chapter's steps and replay), as
+    dense deltas ΔW_k."""
+    setup = lm_setup(config)
+    return tuple(lm_merge.lora_delta(setup.lab, setup.base, lm_merge.one_task(setup.stream, k), rank=rank, alpha=alpha,
+                                  steps=config.steps, lr=lr, batch_size=config.batch_size, seed=config.seed + k,
+                                  method=setup.replay(config.seed + k))
+                 for k in range(len(setup.stream)))
+
+
+def routed_vs_summed(setup: LMSetup, deltas: Sequence[State]) -> pd.DataFrame:
+    """Adapters kept apart, each task read through its own (routed by the task id), against all summed into
+    the weights (θ_0 + Σ ΔW_k, one model, no task id). The routed row's pretraining recall and perplexity are
+    the mean over the K adapted models."""
+    per_adapter = [setup.score(merging.add_task_vector(setup.base, d)) for d in deltas]
+    routed = {name: per_adapter[k][name] for k, name in enumerate(setup.names)}
+    routed["mean"] = float(np.mean([routed[n] for n in setup.names]))
+    for col in ("pretrained", "perplexity"):
+        routed[col] = float(np.mean([row[col] for row in per_adapter]))
+    summed = setup.score(merging.task_arithmetic(setup.base, deltas, 1.0))
+    return pd.DataFrame({"routed (own adapter per task)": routed, "summed (one merged model)": summed}).T
+
+
+# ---------------------------------------------------------------- WiSE-FT
+
+
+def lm_wise_curve(setup: LMSetup, finetuned: State, task: int = 0,
+                  alphas: Sequence[float] = tuple(np.round(np.linspace(0, 1, 6), 2))) -> pd.DataFrame:
+    """WiSE-FT between θ_0 and ``finetuned`` (a fine-tune on ``task``): the task's recall, pretraining-fact
+    recall and perplexity at each α."""
+    rows = []
+    for alpha in alphas:
+        row = setup.score(merging.wise_ft(setup.base, finetuned, float(alpha)))
+        rows.append({"alpha": float(alpha), "task": row[setup.names[task]], "pretrained": row["pretrained"],
+                     "perplexity": row["perplexity"]})
+    return pd.DataFrame(rows)
+
+
+def plot_wise(curves: dict[str, pd.DataFrame], base_perplexity: float):
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, c in curves.items():
+        line, = ax.plot(c["task"], c["perplexity"], "o-", ms=3, label=label)
+        bx.plot(c["task"], c["pretrained"], "o-", ms=3, color=line.get_color(), label=label)
+        for _, row in c.iloc[[1, -2]].iterrows():
+            ax.annotate(f"α={row.alpha:.1f}", (row["task"], row["perplexity"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.axhline(base_perplexity, color="tab:green", ls=":", label="pretrained LM")
+    ax.set(xlabel="task recall", ylabel="general perplexity", title="WiSE-FT: (1 − α)·θ0 + α·θ_ft")
+    bx.set(xlabel="task recall", ylabel="pretraining-fact recall", title="what the interpolation keeps")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- playground
+
+
+def merge_point(lam: float = 1.0, density: float = 0.5, config: LMConfig = LMConfig()) -> dict:
+    """The playground: task arithmetic at ``lam`` and TIES at (``density``, ``lam``) on the LM: each task's
+    recall, the pretraining facts and perplexity, beside each fine-tune on its own task. The fine-tunes are
+    cached by ``config``; a point only merges and scores (about a second)."""
+    lam = _validate.finite("lam", lam)
+    merging.ties_trim({"w": torch.ones(1)}, density)  # the density check, with its message
+    setup = lm_setup(config)
+    own = own_recall(setup)
+    return {"lam": lam, "density": density, "tasks": setup.names, "own fine-tune": own,
+            "task arithmetic": setup.score(merging.task_arithmetic(setup.base, setup.task_vectors, lam)),
+            "TIES": setup.score(merging.ties_merge(setup.base, setup.task_vectors, density, lam)),
+            "base": setup.score(setup.base)}
+
+
+def plot_merge_point(result: dict):
+    """Bars per task (own fine-tune, task arithmetic, TIES) and the pretraining facts; perplexities in the title."""
+    labels = [*result["tasks"], "pretraining facts"]
+    own = [*result["own fine-tune"], result["base"]["pretrained"]]
+    ta = [result["task arithmetic"][n] for n in result["tasks"]] + [result["task arithmetic"]["pretrained"]]
+    ties = [result["TIES"][n] for n in result["tasks"]] + [result["TIES"]["pretrained"]]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    x = np.arange(len(labels))
+    ax.bar(x - 0.27, own, 0.27, color="lightgrey", label="own fine-tune (θ0 for the pretraining facts)")
+    ax.bar(x, ta, 0.27, color="tab:blue", label=f"task arithmetic, λ = {result['lam']:.2f}")
+    ax.bar(x + 0.27, ties, 0.27, color="tab:orange", label=f"TIES, density {result['density']:.2f}, same λ")
+    ax.set_xticks(x, labels, fontsize=8)
+    ppl = {k: result[k]["perplexity"] for k in ("base", "task arithmetic", "TIES")}
+    ax.set(ylabel="recall (test half)", ylim=(0, 1.05),
+           title=f"perplexity: θ0 {ppl['base']:.2f}, TA {ppl['task arithmetic']:.2f}, TIES {ppl['TIES']:.2f}")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+# ================================================================ the MLP: a shared initialisation
 
 
 @lru_cache(maxsize=4)
-def merge_stream(n_tasks: int = 3, n_val: int = 500) -> tuple[Stream, tuple[tuple[torch.Tensor, torch.Tensor], ...]]:
-    """Task 0 is original MNIST (the "pretraining" task), tasks 1..n_tasks permuted MNIST, all in Domain-IL
-    (one shared 10-way head). The last ``n_val`` training images of each task (in a fixed shuffled order) are
-    held out as a validation set for choosing λ, density or p: returns (stream, ((x_val, y_val), …))."""
+def mnist_stream(n_tasks: int = 2) -> Stream:
+    """Task 0 is original MNIST (the "pretraining" task), tasks 1..n_tasks permuted MNIST, Domain-IL."""
     _validate.positive_int("n_tasks", n_tasks)
-    _validate.positive_int("n_val", n_val)
-    full = data.permuted(mnist(), n_tasks + 1, "domain")
-    tasks, val = [], []
-    for task in full.tasks:
-        order = torch.randperm(len(task.y_train), generator=torch.Generator().manual_seed(task.id))
-        if n_val >= len(order):
-            raise ValueError(f"n_val must be below the {len(order)} training images of a task, got {n_val}")
-        keep, held = order[:-n_val], order[-n_val:]
-        tasks.append(Task(task.id, task.name, task.x_train[keep], task.y_train[keep], task.x_test, task.y_test,
-                          task.classes))
-        val.append((task.x_train[held], task.y_train[held]))
-    return Stream(full.name, "domain", tasks, full.n_out, full.input_shape), tuple(val)
+    return data.permuted(mnist(), n_tasks + 1, "domain")
 
 
 def one_task(stream: Stream, task_id: int) -> Stream:
@@ -57,19 +456,6 @@ def one_task(stream: Stream, task_id: int) -> Stream:
     return Stream(f"{stream.name}[{t.name}]", stream.scenario,
                   [Task(0, t.name, t.x_train, t.y_train, t.x_test, t.y_test, t.classes)],
                   stream.n_out, stream.input_shape)
-
-
-def tasks_only(stream: Stream, task_ids: Sequence[int]) -> Stream:
-    """The tasks ``task_ids`` of ``stream``, renumbered 0.., as a stream (for sequential and joint training)."""
-    for k in task_ids:
-        stream.check_task_id(k)
-    tasks = [Task(i, stream.tasks[k].name, stream.tasks[k].x_train, stream.tasks[k].y_train,
-                  stream.tasks[k].x_test, stream.tasks[k].y_test, stream.tasks[k].classes)
-             for i, k in enumerate(task_ids)]
-    return Stream(stream.name, stream.scenario, tasks, stream.n_out, stream.input_shape)
-
-
-# ---------------------------------------------------------------- models as state dicts
 
 
 def state_of(model: torch.nn.Module) -> State:
@@ -115,119 +501,6 @@ def random_init(hidden: Sequence[int], seed: int, device: torch.device) -> State
     return {k: v.to(device) for k, v in state_of(models.MLP(784, tuple(hidden), 10)).items()}
 
 
-# ---------------------------------------------------------------- the chapter's trained models
-
-
-@dataclass(frozen=True)
-class Setup:
-    """θ_init, the pretrained θ_0 (on original MNIST), one fine-tune θ_k per permuted task and τ_k = θ_k − θ_0."""
-
-    stream: Stream
-    val: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    hidden: tuple[int, ...]
-    init: State
-    base: State
-    finetuned: tuple[State, ...]
-    task_vectors: tuple[State, ...]
-    steps: int
-    seed: int
-
-    def test(self, state: State) -> np.ndarray:
-        """Test accuracy of ``state`` on every task (original first): [T + 1]."""
-        return evaluate(state, test_sets(self.stream), self.hidden).accuracy.to_numpy()
-
-    def valid(self, state: State) -> np.ndarray:
-        """Validation accuracy on every task (held-out training images): [T + 1]."""
-        return evaluate(state, self.val, self.hidden).accuracy.to_numpy()
-
-
-@lru_cache(maxsize=8)
-def build_setup(hidden: tuple[int, ...] = (100, 100), pretrain_steps: int = 500, steps: int = 200,
-                n_tasks: int = 3, seed: int = 0, device: str = "cpu") -> Setup:
-    """Pretrain θ_0 on original MNIST from a seeded random init, then fine-tune a copy on each permuted task."""
-    _validate.positive_int("pretrain_steps", pretrain_steps)
-    _validate.positive_int("steps", steps)
-    dev = pick_device(device, verbose=False)
-    stream, val = merge_stream(n_tasks)
-    init = random_init(hidden, seed, dev)
-    base = fine_tune(init, stream, 0, hidden, pretrain_steps, seed, dev)
-    finetuned = tuple(fine_tune(base, stream, k, hidden, steps, seed + k, dev) for k in range(1, n_tasks + 1))
-    taus = tuple(merging.task_vector(ft, base) for ft in finetuned)
-    return Setup(stream, val, tuple(hidden), init, base, finetuned, taus, steps, seed)
-
-
-def accuracy_table(setup: Setup, states: dict[str, State]) -> pd.DataFrame:
-    """Test accuracy of each named state on every task, plus the mean over the new (permuted) tasks."""
-    names = [t.name for t in setup.stream.tasks]
-    table = pd.DataFrame({label: setup.test(s) for label, s in states.items()}, index=names).T
-    table["mean new tasks"] = table[names[1:]].mean(1)
-    return table
-
-
-def cosine_matrix(task_vectors: Sequence[State]) -> np.ndarray:
-    """cos(τ_i, τ_j) for every pair: [K, K] with ones on the diagonal."""
-    k = len(task_vectors)
-    out = np.eye(k)
-    for i in range(k):
-        for j in range(i + 1, k):
-            out[i, j] = out[j, i] = merging.cosine_similarity(task_vectors[i], task_vectors[j])
-    return out
-
-
-def interference(setup: Setup, lam: float = 1.0) -> pd.DataFrame:
-    """Per task k: accuracy of θ_0 + λ·τ_k alone, of θ_0 + λ·Σ_j τ_j, and the points lost to the other vectors."""
-    merged = setup.test(merging.task_arithmetic(setup.base, setup.task_vectors, lam))
-    rows = []
-    for k, tau in enumerate(setup.task_vectors, start=1):
-        alone = setup.test(merging.task_arithmetic(setup.base, [tau], lam))[k]
-        rows.append({"task": setup.stream.tasks[k].name, "θ0 + λτ_k": alone, "θ0 + λΣτ": merged[k],
-                     "lost to the others": alone - merged[k]})
-    return pd.DataFrame(rows).set_index("task")
-
-
-# ---------------------------------------------------------------- curves
-
-
-def lambda_curve(setup: Setup, lams: Sequence[float], split: str = "test") -> pd.DataFrame:
-    """Task arithmetic θ_0 + λ·Σ τ_k for each λ: accuracy on every task and the mean over the new ones."""
-    _validate.one_of("split", split, ("test", "val"))
-    score = setup.test if split == "test" else setup.valid
-    names = [t.name for t in setup.stream.tasks]
-    rows = []
-    for lam in lams:
-        acc = score(merging.task_arithmetic(setup.base, setup.task_vectors, lam))
-        rows.append({"lam": float(lam), **dict(zip(names, acc)), "mean new tasks": acc[1:].mean()})
-    return pd.DataFrame(rows)
-
-
-def plot_lambda_curve(curve: pd.DataFrame, individual: float | None = None, joint: float | None = None):
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for col in curve.columns.drop(["lam", "mean new tasks"]):
-        ax.plot(curve.lam, curve[col], ".-", lw=1, label=col)
-    ax.plot(curve.lam, curve["mean new tasks"], "k-", lw=2.5, label="mean new tasks")
-    if individual is not None:
-        ax.axhline(individual, color="k", ls=":", lw=1, label="fine-tunes, each on its own task")
-    if joint is not None:
-        ax.axhline(joint, color="tab:green", ls="--", lw=1, label="joint multi-task training")
-    ax.axvline(1 / (len(curve.columns) - 3), color="grey", lw=0.8)
-    ax.text(1 / (len(curve.columns) - 3), 0.02, " soup (λ = 1/K)", fontsize=7, color="grey")
-    ax.set(xlabel="λ", ylabel="test accuracy", ylim=(0, 1), title="task arithmetic θ0 + λ Σ τ_k")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
-def wise_curve(setup: Setup, task: int = 1, alphas: Sequence[float] = tuple(np.linspace(0, 1, 11))) -> pd.DataFrame:
-    """WiSE-FT between θ_0 and the fine-tune of ``task``: original-task and new-task accuracy for each α."""
-    if not 1 <= task <= len(setup.finetuned):
-        raise ValueError(f"task must be in 1..{len(setup.finetuned)}, got {task}")
-    rows = []
-    for alpha in alphas:
-        acc = setup.test(merging.wise_ft(setup.base, setup.finetuned[task - 1], float(alpha)))
-        rows.append({"alpha": float(alpha), "original task": acc[0], "new task": acc[task]})
-    return pd.DataFrame(rows)
-
-
 def linear_path(state_a: State, state_b: State, sets: Sequence[tuple[torch.Tensor, torch.Tensor]],
                 hidden: Sequence[int], n_points: int = 11) -> pd.DataFrame:
     """Accuracy and loss (averaged over ``sets``) at evenly spaced points (1 − α)·θ_a + α·θ_b."""
@@ -255,24 +528,29 @@ def barrier(values: Sequence[float], higher_is_worse: bool = True) -> float:
 
 @lru_cache(maxsize=8)
 def mode_connectivity(hidden: tuple[int, ...] = (100, 100), pretrain_steps: int = 500, steps: int = 200,
-                      n_tasks: int = 3, seed: int = 0, device: str = "cpu") -> dict[str, pd.DataFrame]:
-    """Linear paths on the first permuted task between (a) two fine-tunes of θ_0 that differ only in data order,
-    (b) two networks trained from scratch from the same random init (different data order), (c) two networks
-    trained from scratch from different random inits, (d) the fine-tunes of two different tasks (path evaluated
-    on both tasks)."""
-    setup = build_setup(hidden, pretrain_steps, steps, n_tasks, seed, device)
+                      seed: int = 0, device: str = "cpu") -> dict[str, pd.DataFrame]:
+    """Linear paths on permuted task 1 between (a) two fine-tunes of a pretrained θ_0 that differ only in data
+    order, (b) two networks trained from scratch from the same random init (different data order), (c) two
+    networks trained from scratch from different random inits, (d) the fine-tunes of θ_0 on two different
+    tasks (path evaluated on both tasks). θ_0 is the MLP trained on original MNIST."""
+    _validate.positive_int("pretrain_steps", pretrain_steps)
+    _validate.positive_int("steps", steps)
     dev = pick_device(device, verbose=False)
-    task1 = [test_sets(setup.stream)[1]]
-    twin = fine_tune(setup.base, setup.stream, 1, hidden, steps, seed + 100, dev)
+    stream = mnist_stream(2)
+    init = random_init(hidden, seed, dev)
+    base = fine_tune(init, stream, 0, hidden, pretrain_steps, seed, dev)
+    ft1 = fine_tune(base, stream, 1, hidden, steps, seed + 1, dev)
+    ft2 = fine_tune(base, stream, 2, hidden, steps, seed + 2, dev)
+    twin = fine_tune(base, stream, 1, hidden, steps, seed + 100, dev)
     other_init = random_init(hidden, seed + 1000, dev)
-    scratch_a = fine_tune(setup.init, setup.stream, 1, hidden, pretrain_steps, seed + 200, dev)
-    scratch_b = fine_tune(setup.init, setup.stream, 1, hidden, pretrain_steps, seed + 300, dev)
-    scratch_c = fine_tune(other_init, setup.stream, 1, hidden, pretrain_steps, seed + 300, dev)
-    return {"fine-tunes of θ0 (same task)": linear_path(setup.finetuned[0], twin, task1, hidden),
+    scratch_a = fine_tune(init, stream, 1, hidden, pretrain_steps, seed + 200, dev)
+    scratch_b = fine_tune(init, stream, 1, hidden, pretrain_steps, seed + 300, dev)
+    scratch_c = fine_tune(other_init, stream, 1, hidden, pretrain_steps, seed + 300, dev)
+    task1 = [test_sets(stream)[1]]
+    return {"fine-tunes of θ0 (same task)": linear_path(ft1, twin, task1, hidden),
             "from scratch, same init": linear_path(scratch_a, scratch_b, task1, hidden),
             "from scratch, different inits": linear_path(scratch_a, scratch_c, task1, hidden),
-            "fine-tunes of θ0 (tasks 1 and 2)": linear_path(setup.finetuned[0], setup.finetuned[1],
-                                                           test_sets(setup.stream)[1:3], hidden)}
+            "fine-tunes of θ0 (tasks 1 and 2)": linear_path(ft1, ft2, test_sets(stream)[1:3], hidden)}
 
 
 def plot_paths(paths: dict[str, pd.DataFrame]):
@@ -283,120 +561,5 @@ def plot_paths(paths: dict[str, pd.DataFrame]):
     ax_loss.set(xlabel="α along (1 − α)·θa + α·θb", ylabel="test loss", title="loss along the straight line")
     ax_acc.set(xlabel="α", ylabel="test accuracy", ylim=(0, 1), title="accuracy along the straight line")
     ax_acc.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    return fig
-
-
-# ---------------------------------------------------------------- TIES / DARE validation
-
-
-def best_on_validation(setup: Setup, merges: dict[str, State]) -> tuple[str, float, float]:
-    """The merge with the best mean validation accuracy over the new tasks: (its name, that validation mean,
-    its test mean over the new tasks)."""
-    scored = {name: setup.valid(state)[1:].mean() for name, state in merges.items()}
-    best = max(scored, key=scored.get)
-    return best, float(scored[best]), float(setup.test(merges[best])[1:].mean())
-
-
-def merge_grid(setup: Setup, lams: Sequence[float], densities: Sequence[float], drop_rates: Sequence[float],
-               seed: int = 0) -> pd.DataFrame:
-    """Task arithmetic, TIES (per density) and DARE (per drop rate), each with λ chosen on the validation sets:
-    one row per method setting with its chosen λ and validation / test mean over the new tasks."""
-    families: dict[str, dict[str, State]] = {"task arithmetic": {
-        f"{lam:g}": merging.task_arithmetic(setup.base, setup.task_vectors, lam) for lam in lams}}
-    for density in densities:
-        families[f"TIES density {density:g}"] = {
-            f"{lam:g}": merging.ties_merge(setup.base, setup.task_vectors, density, lam) for lam in lams}
-    for p in drop_rates:
-        families[f"DARE p = {p:g}"] = {
-            f"{lam:g}": merging.dare_merge(setup.base, setup.task_vectors, p, lam, seed) for lam in lams}
-    rows = []
-    for family, merges in families.items():
-        lam, val, test = best_on_validation(setup, merges)
-        rows.append({"merge": family, "λ (validation)": float(lam), "validation": val, "test": test})
-    return pd.DataFrame(rows).set_index("merge")
-
-
-def dare_single_task(setup: Setup, drop_rates: Sequence[float], seed: int = 0) -> pd.DataFrame:
-    """θ_0 + DARE_p(τ_k) for each task alone: the fine-tune's own-task accuracy kept after dropping a share p."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for p in drop_rates:
-        accs = [setup.test(merging.task_arithmetic(setup.base, [merging.dare(tau, p, gen)], 1.0))[k]
-                for k, tau in enumerate(setup.task_vectors, start=1)]
-        rows.append({"p": p, "own-task accuracy": float(np.mean(accs))})
-    return pd.DataFrame(rows).set_index("p")
-
-
-# ---------------------------------------------------------------- merging as a continual learner
-
-
-def merged_accuracy_matrix(setup: Setup, lam: float | None = 1.0,
-                           lams: Sequence[float] = tuple(np.round(np.arange(0.3, 1.21, 0.1), 2))) -> np.ndarray:
-    """R for "fine-tune each new task from θ_0, then merge": row i is θ_0 + λ·Σ_{k≤i} τ_k on the new tasks
-    [T, T]. ``lam=None`` picks λ after each task on the validation sets of the tasks seen so far."""
-    T = len(setup.task_vectors)
-    R = np.zeros((T, T))
-    for i in range(T):
-        taus = setup.task_vectors[:i + 1]
-        if lam is None:
-            chosen = max(lams, key=lambda x: setup.valid(merging.task_arithmetic(setup.base, taus, x))[1:i + 2].mean())
-        else:
-            chosen = lam
-        R[i] = setup.test(merging.task_arithmetic(setup.base, taus, chosen))[1:]
-    return R
-
-
-@lru_cache(maxsize=8)
-def sequential_and_joint(hidden: tuple[int, ...] = (100, 100), pretrain_steps: int = 500, steps: int = 200,
-                         n_tasks: int = 3, seed: int = 0, device: str = "cpu") -> dict:
-    """From θ_0: naive sequential fine-tuning on the new tasks (its R over the new tasks and its final state) and
-    joint multi-task training on their union for as many steps in total (its state)."""
-    setup = build_setup(hidden, pretrain_steps, steps, n_tasks, seed, device)
-    dev = pick_device(device, verbose=False)
-    new = tasks_only(setup.stream, range(1, n_tasks + 1))
-    seq_model = model_from(setup.base, hidden)
-    run = train.fit(seq_model, new, steps=steps, seed=seed, device=dev, progress=False)
-    joint_model = model_from(setup.base, hidden)
-    train.fit(joint_model, data.joint(new), steps=steps * n_tasks, seed=seed, device=dev, progress=False)
-    return {"R": run.R, "sequential": state_of(seq_model), "joint": state_of(joint_model)}
-
-
-def cl_summary(matrices: dict[str, np.ndarray]) -> pd.DataFrame:
-    """AA and BWT (cl_lab.metrics) of each accuracy matrix over the new tasks."""
-    return pd.DataFrame([{"method": name, "AA": metrics.average_accuracy(R), "BWT": metrics.backward_transfer(R)}
-                         for name, R in matrices.items()]).set_index("method")
-
-
-# ---------------------------------------------------------------- playground
-
-
-def merge_point(lam: float = 1.0, density: float = 0.2, hidden: tuple[int, ...] = (100, 100),
-                pretrain_steps: int = 500, steps: int = 200, n_tasks: int = 3, seed: int = 0,
-                device: str = "cpu") -> dict:
-    """Per-task test accuracy of task arithmetic at ``lam`` and of TIES at (``density``, ``lam``), next to each
-    task's own fine-tune. Training is cached by its configuration; a new point only merges and evaluates."""
-    lam = _validate.finite("lam", lam)
-    _validate.in_range("density", density, 0.0, 1.0)
-    if density == 0.0:
-        raise ValueError("density must be in (0, 1], got 0.0")
-    setup = build_setup(tuple(hidden), pretrain_steps, steps, n_tasks, seed, device)
-    own = [setup.test(ft)[k] for k, ft in enumerate(setup.finetuned, start=1)]
-    return {"lam": lam, "density": density, "tasks": [t.name for t in setup.stream.tasks],
-            "task arithmetic": setup.test(merging.task_arithmetic(setup.base, setup.task_vectors, lam)),
-            "TIES": setup.test(merging.ties_merge(setup.base, setup.task_vectors, density, lam)),
-            "own fine-tune": np.array([setup.test(setup.base)[0], *own])}
-
-
-def plot_merge_point(result: dict):
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    x = np.arange(len(result["tasks"]))
-    ax.bar(x - 0.27, result["own fine-tune"], 0.27, color="lightgrey", label="own model (θ0 for original)")
-    ax.bar(x, result["task arithmetic"], 0.27, label=f"task arithmetic, λ = {result['lam']:.2f}")
-    ax.bar(x + 0.27, result["TIES"], 0.27, label=f"TIES, density {result['density']:.2f}, same λ")
-    ax.set_xticks(x, result["tasks"])
-    ax.set(ylabel="test accuracy", ylim=(0, 1.05),
-           title=f"mean new tasks: TA {result['task arithmetic'][1:].mean():.3f}, TIES {result['TIES'][1:].mean():.3f}")
-    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig

@@ -144,10 +144,10 @@ class Probe:
     tokenizer: object
 
     def recall(self, model: nn.Module, split: str = "test") -> list[float]:
-        """Object recall on each task's ``split`` half ("val" or "test")."""
+        """Object recall on each task's ``split`` half ("val" or "test"), a float64 share (38/40 is 0.95 exactly)."""
         _validate.one_of("split", split, ("val", "test"))
         pad = self.tokenizer.pad_token_id
-        return [(object_logits(model, x, pad).argmax(1) == y).float().mean().item()
+        return [(object_logits(model, x, pad).argmax(1) == y).double().mean().item()
                 for x, y in (self.val if split == "val" else self.test)]
 
     def score(self, model: nn.Module, split: str = "test", general: bool = True) -> dict[str, float]:
@@ -158,7 +158,7 @@ class Probe:
         if general:
             x, y = self.pretrained
             hit = object_logits(model, x, self.tokenizer.pad_token_id).argmax(1) == y  # [N]
-            row["pretrained"] = hit.float().mean().item()
+            row["pretrained"] = hit.double().mean().item()
             row["perplexity"] = perplexity(model, self.tokenizer, list(self.general))
         return row
 
