@@ -1,28 +1,21 @@
-"""Chapter 12: the DPO loss, the KL penalty and its Fisher quadratic, the per-stage adapter, argument checks."""
+"""Chapter 12: the DPO loss, the KL penalty and its Fisher quadratic, the MNIST update, the chapter's LM helpers,
+figures and playground, and argument checks."""
 
 import math
 
 import matplotlib
+import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cl_lab.chapters import ch12
-from cl_lab.methods.alignment import (
-    StageAdapters,
-    check_stage,
-    dpo_loss,
-    dpo_loss_from_logits,
-    fisher_quadratic,
-    full_fisher,
-    kl_along,
-    kl_to_reference,
-    reinforce_loss,
-    rl_loss,
-)
+from cl_lab.lm import align, tiny_lm
+from cl_lab.methods.alignment import dpo_loss, fisher_quadratic, full_fisher, kl_along, kl_to_reference
 
 matplotlib.use("Agg")
+TINY = dict(n_layer=1, n_head=2, n_embd=32, n_subjects=20, n_general=100, n_general_test=20, steps=30,
+            batch_size=16)
 
 
 def _tiny(seed=0, n_out=4):
@@ -30,24 +23,20 @@ def _tiny(seed=0, n_out=4):
     return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, n_out))
 
 
+@pytest.fixture(scope="module")
+def chain():
+    lab = tiny_lm(0, progress=False, use_cache=False, **TINY)
+    data = align.alignment_data(lab.world, n_sft_subjects=10, seed=0)
+    model = align.sft(lab, data, steps=3, batch_size=8)
+    probe = align.Probe(lab, data, model, n_facts=40, n_texts=10)
+    return ch12.LMChain(lab, data, model, probe, probe(lab.model), probe(model))
+
+
 def test_dpo_loss_by_hand():
     # margin = (−1 − (−1.5)) − (−2 − (−1.5)) = 0.5 + 0.5 = 1; β = 0.5: loss = −log σ(0.5) = log(1 + e^−0.5)
     loss = dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]), 0.5)
     assert loss.item() == pytest.approx(math.log1p(math.exp(-0.5)), abs=1e-6)
     assert loss.item() == pytest.approx(0.474077, abs=1e-6)
-
-
-def test_dpo_is_log_sigmoid_of_the_implicit_reward_margin():
-    torch.manual_seed(0)
-    logits, ref_logits = torch.randn(6, 5), torch.randn(6, 5)
-    chosen, rejected, beta = torch.tensor([0, 1, 2, 3, 4, 0]), torch.tensor([1, 2, 3, 4, 0, 2]), 0.3
-    logp, ref_logp = F.log_softmax(logits, 1), F.log_softmax(ref_logits, 1)
-    reward = beta * (logp - ref_logp)  # r(x, y) = β log π_θ(y|x)/π_ref(y|x)  [B, C]
-    margin = reward.gather(1, chosen[:, None]) - reward.gather(1, rejected[:, None])
-    expected = -F.logsigmoid(margin).mean()
-    assert dpo_loss_from_logits(logits, ref_logits, chosen, rejected, beta).item() == pytest.approx(expected.item())
-    # at the reference the loss is log 2 whatever the pair
-    assert dpo_loss_from_logits(ref_logits, ref_logits, chosen, rejected, beta).item() == pytest.approx(math.log(2))
 
 
 @pytest.mark.parametrize("direction", ["policy||ref", "ref||policy"])
@@ -60,16 +49,6 @@ def test_kl_penalty_is_zero_with_zero_gradient_at_the_reference(direction):
     assert kl.item() == pytest.approx(0.0, abs=1e-7)
     assert grad.abs().max().item() < 1e-7
     assert kl_to_reference(ref_logits + torch.randn(8, 5), ref_logits, direction).item() > 0
-
-
-def test_rl_loss_at_the_reference_is_plain_reinforce_and_pushes_rewarded_actions_up():
-    torch.manual_seed(2)
-    logits = torch.randn(4, 3, requires_grad=True)
-    actions, rewards = torch.tensor([0, 1, 2, 0]), torch.tensor([1.0, 0.0, 0.0, 1.0])
-    loss = rl_loss(logits, logits.detach(), actions, rewards, beta=5.0)
-    assert loss.item() == pytest.approx(reinforce_loss(logits, actions, rewards).item())
-    (grad,) = torch.autograd.grad(loss, logits)
-    assert grad[0, 0] < 0 and grad[1, 1] > 0  # descent raises rewarded, lowers unrewarded log-probs
 
 
 def test_fisher_quadratic_equals_the_explicit_full_fisher():
@@ -94,81 +73,121 @@ def test_quadratic_error_shrinks_as_the_step_shrinks():
                                                                          rel=0.02)
 
 
-def test_stage_adapters_leave_the_backbone_bit_identical_and_start_at_zero():
-    backbone = _tiny(4, n_out=3)
-    x, y = torch.randn(16, 3), torch.randint(0, 3, (16,))
-    plain = backbone(x).detach()
-    model = StageAdapters(backbone, rank=2)
-    before = model.backbone_state()
-    assert torch.equal(model.use(["sft", "dpo", "rl"])(x), plain)  # B = 0: adapters add nothing yet
-    for stage in ("sft", "rl"):
-        params = model.train_stage(stage)
-        opt = torch.optim.Adam(params, lr=0.1)  # a large step, so anything that leaks would show
-        for _ in range(5):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    after = model.backbone_state()
-    assert all(torch.equal(before[n], after[n]) for n in before)
-    assert torch.equal(model.use([])(x), plain)
-    assert not torch.equal(model.use(["sft"])(x), plain)
-    assert torch.equal(model.use(["dpo"])(x), plain)  # never trained
-    assert all(p.requires_grad == (".rl" in n or n.endswith(".rl")) for n, p in model.named_parameters()
-               if ".A." in n or ".B." in n)
+def test_mnist_update_and_seeded_test_sample():
+    pre, sft_model = ch12.mnist_sft_update(hidden=(8,), pretrain_steps=5, sft_steps=5)
+    assert not all(torch.equal(a, b) for a, b in zip(pre.parameters(), sft_model.parameters()))
+    sample = ch12.mnist_test_sample(200, seed=0)
+    assert torch.equal(sample, ch12.mnist_test_sample(200, seed=0))
+    assert torch.equal(ch12.mnist_test_sample(200, seed=0, inverted=True), 1 - sample)
+    y = ch12.mnist().y_test
+    labels = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:200]]
+    assert set(labels.tolist()) == set(range(10))  # a fair draw, not the digits of a sorted prefix
+    table = ch12.kl_versus_quadratic(pre, sft_model, sample[:50], scales=(0.01, 1.0))
+    assert table.loc[0.01, "KL / full quadratic"] == pytest.approx(1.0, abs=0.02)
 
 
-def test_argument_validation():
-    with pytest.raises(ValueError, match="beta"):
-        rl_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 1]), torch.ones(2), beta=-0.1)
-    with pytest.raises(ValueError, match="beta"):
-        dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.0)
-    with pytest.raises(ValueError, match="stage"):
-        check_stage("ppo")
-    with pytest.raises(ValueError, match="stage"):
-        StageAdapters(_tiny(), stages=("sft", "rlhf"))
-    with pytest.raises(ValueError, match="stages"):
-        StageAdapters(_tiny()).use(["sft", "grpo"])
-    with pytest.raises(ValueError, match="direction"):
-        kl_to_reference(torch.zeros(1, 2), torch.zeros(1, 2), "forward")
-    model = _tiny()
-    for kwargs, name in (({"beta": -1.0}, "beta"), ({"replay": 1.5}, "replay"), ({"replay": -0.1}, "replay"),
-                         ({"kl_inputs": "everything"}, "kl_inputs")):
-        with pytest.raises(ValueError, match=name):
-            ch12.train_stage(model, "sft", model, steps=1, **kwargs)
-    with pytest.raises(ValueError, match="stage"):
-        ch12.train_stage(model, "rlhf", model, steps=1)
-    with pytest.raises(ValueError, match="anchor"):
-        ch12.run_chain(anchor="moving")
-    with pytest.raises(ValueError, match="replay"):
-        ch12.tax_point(replay=2.0)
-    with pytest.raises(ValueError, match="beta"):
-        ch12.tax_point(beta=-1.0)
+# --- the LM chain ----------------------------------------------------------------------------------------------
+
+def test_remedy_configs_change_one_setting_each():
+    base = align.DPOConfig(steps=7, lr=1e-3, seed=2)
+    configs = ch12.remedy_configs(base)
+    assert configs["DPO (plain)"] == base
+    assert configs["null control"] == align.DPOConfig(steps=7, lr=1e-3, seed=102)
+    for name, field in (("KL on text", "kl_coef"), ("replay", "replay_share"), ("LoRA only", "lora_rank")):
+        changed = {k for k, v in configs[name].__dict__.items() if v != base.__dict__[k]}
+        assert field in changed and changed <= {field, "lora_lr"}
 
 
-def test_stage_inputs_are_what_the_chapter_says():
-    d = ch12.chain_data()
-    assert torch.equal(d.sft_x, 1 - d.x_train) and torch.equal(d.sft_y, (d.y_train + 1) % 10)
-    assert torch.equal(ch12.rotate90(ch12.rotate90(ch12.rotate90(ch12.rotate90(d.x_test[:5])))), d.x_test[:5])
-    assert torch.equal(d.dpo_x.sort(1).values, d.x_train.sort(1).values)  # same ink, shuffled
+def test_capability_matrix_matched_table_and_estimators(chain):
+    model, path = ch12.run_dpo(chain, align.DPOConfig(steps=4, batch_size=8, lr=1e-3, probe_every=2))
+    R = ch12.capability_matrix(chain, model)
+    assert list(R.index) == ["base", "SFT", "DPO"]
+    assert R.loc["DPO"].to_dict() == pytest.approx(path.iloc[-1][R.columns].to_dict())
+    paths = {"DPO (plain)": path, "averaging": align.averaging_path(chain.sft_model, model, chain.probe, [0, 0.5, 1])}
+    table = ch12.matched(paths, 0.0)
+    assert table.loc["DPO (plain)", "step"] == 0 and table.loc["averaging", "alpha"] == 0
+    kl = ch12.kl_estimator_tables(chain, {"DPO": model, "SFT": chain.sft_model}, n_samples=200)
+    assert set(kl.index.get_level_values(1)) == {"questions", "general text"}
+    assert (kl.loc["SFT"]["exact KL"] == 0).all() and (kl.loc["SFT"]["mean"] == 0).all()
+    assert (kl.xs("k3", level="estimator")["negative"] == 0).all()
 
 
-def test_tax_widget_point_and_headless_slider(monkeypatch):
+# --- figures ---------------------------------------------------------------------------------------------------
+
+def test_plot_capability_matrix_draws_each_stage_and_perplexity():
+    R = pd.DataFrame({c: [0.9, 0.8, 0.3] for c in ch12.SHOWN} | {"perplexity": [4.0, 4.5, 6.0]},
+                     index=["base", "SFT", "DPO"])
+    R.loc["DPO", "win rate"] = 0.95
+    fig = ch12.plot_capability_matrix(R)
+    ax, ax_ppl = fig.axes
+    bars = [b.get_height() for b in ax.patches]
+    assert bars[-1] == pytest.approx(0.95) and bars[:5] == pytest.approx([0.9] * 5)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["base", "SFT", "DPO"]
+    assert [b.get_height() for b in ax_ppl.patches] == pytest.approx([4.0, 4.5, 6.0])
+
+
+def test_plot_front_draws_each_path_and_its_matched_point():
+    paths = {"DPO (plain)": pd.DataFrame({"win rate": [0.0, 0.5, 1.0], "recall": [0.9, 0.6, 0.4]}),
+             "replay": pd.DataFrame({"win rate": [0.0, 0.4, 0.6], "recall": [0.9, 0.85, 0.8]})}
+    fig = ch12.plot_front(paths, 0.5, baseline=0.9)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["DPO (plain)"].get_ydata()) == [0.9, 0.6, 0.4]
+    circles = [line for line in ax.get_lines() if line.get_label().startswith("_") and line.get_marker() == "o"]
+    assert sorted(c.get_ydata()[0] for c in circles) == pytest.approx([0.6, 0.825])
+    assert "0.5" in ax.get_title() and lines["after SFT"].get_ydata()[0] == 0.9
+
+
+def test_plot_kl_estimators_shows_bias_and_spread_relative_to_the_kl():
+    table = pd.concat({("DPO", "questions"): pd.DataFrame({"exact KL": [2.0] * 3, "bias": [0.0, 0.6, 0.01],
+                                                  "relative std": [1.5, 0.9, 0.8]}, index=["k1", "k2", "k3"])},
+                      names=["policy", "contexts", "estimator"])
+    fig = ch12.plot_kl_estimators(table)
+    heights = [b.get_height() for b in fig.axes[0].patches]
+    assert heights == pytest.approx([0.0, 0.3, 0.005, 1.5, 0.9, 0.8])
+    assert fig.axes[0].get_title() == "DPO, questions: KL = 2 nats"
+
+
+# --- the playground ---------------------------------------------------------------------------------------------
+
+def test_alignment_point_and_headless_sliders(chain, monkeypatch):
     import ipywidgets as w
     import matplotlib.pyplot as plt
 
     from cl_lab import widgets
 
-    fixed = {"steps": 3, "pretrain_steps": 5, "hidden": (8,)}
-    result = ch12.tax_point(0.5, 0.25, **fixed)
-    assert list(result["R"].index) == ["pretrained", "sft", "dpo", "rl"]
-    assert result["tax"] == pytest.approx(result["R"]["general"].iloc[0] - result["R"]["general"].iloc[-1])
-    assert ch12.plot_tax_point(result) is not None
+    monkeypatch.setattr(ch12, "lm_chain", lambda **kw: chain)
+    ch12.alignment_point.cache_clear()
+    result = ch12.alignment_point(0.2, 0.25, steps=4)
+    assert result["trajectory"]["step"].tolist() == [0, 2, 4]
+    assert result["sft"] == chain.sft_row and result["last"]["win rate"] == result["trajectory"]["win rate"].iloc[-1]
+    fig = ch12.plot_alignment_point(result)
+    ax_t, ax_b = fig.axes
+    assert list(ax_t.get_lines()[0].get_ydata()) == result["trajectory"]["win rate"].tolist()
+    assert "β = 0.2" in ax_t.get_title() and "0.25" in ax_t.get_title()
+    heights = [b.get_height() for b in ax_b.patches]
+    assert heights == pytest.approx([chain.sft_row[c] for c in ch12.SHOWN] + [result["last"][c] for c in ch12.SHOWN])
     monkeypatch.setattr(plt, "show", lambda: None)
-    widget = widgets.sweep(ch12.tax_point, ch12.plot_tax_point, fixed=fixed,
-                           beta=w.FloatSlider(value=0.0, min=0.0, max=2.0, step=0.5),
-                           replay=w.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.25))
-    widget.children[0].value = 0.5
-    assert widget.result["beta"] == pytest.approx(0.5)
-    widget.children[0].value = 0.0
+    widget = widgets.sweep(ch12.alignment_point, ch12.plot_alignment_point, fixed={"steps": 2},
+                           beta=w.SelectionSlider(options=[0.1, 0.3], value=0.1),
+                           replay_share=w.SelectionSlider(options=[0.0, 0.25], value=0.0))
+    widget.children[0].value = 0.3
+    assert widget.result["beta"] == pytest.approx(0.3)
+    widget.children[0].value = 0.1
     assert widget.cache.hits == 1
+    ch12.alignment_point.cache_clear()
+
+
+def test_argument_validation():
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.0)
+    with pytest.raises(ValueError, match="direction"):
+        kl_to_reference(torch.zeros(1, 2), torch.zeros(1, 2), "forward")
+    with pytest.raises(ValueError, match="beta"):
+        ch12.alignment_point(beta=-1.0)
+    with pytest.raises(ValueError, match="replay_share"):
+        ch12.alignment_point(replay_share=1.0)
+    with pytest.raises(ValueError, match="n"):
+        ch12.mnist_test_sample(0)
+    with pytest.raises(ValueError, match="sft_steps"):
+        ch12.mnist_sft_update(sft_steps=0)

@@ -1,19 +1,9 @@
-"""Chapter 12 helpers (the alignment tax): a toy post-training chain on MNIST, its capability matrix, the three
-mitigations (KL penalty, pretraining replay, a low-rank adapter per stage), the KL-versus-Fisher check and the
-β / replay playground.
+"""Chapter 12 helpers (the alignment tax): SFT → DPO on the tiny language model, its capability matrix, the
+remedies compared at matched alignment strength, Schulman's KL estimators, the β × replay playground, and one
+MNIST check kept from the toy chain: the KL penalty ≈ ½ΔθᵀFΔθ along a real fine-tuning step.
 
-The toy. A "pretrained" MLP answers 11-way: the ten digits, plus an output 10 that means "I won't answer" and
-that pretraining never uses. General capability = 10-way accuracy on clean test digits. Three post-training
-stages follow, each starting from the previous checkpoint and each with its own target metric:
-
-- **SFT** (an instruction format): inverted digits (white ink on black → black on white; the toy's "prompt
-  format") must be answered with the *next* digit, (y + 1) mod 10. Metric: that rule's accuracy on inverted
-  test digits.
-- **DPO** (a safety preference): gibberish inputs (each image's pixels shuffled) with the pair chosen = refuse
-  (output 10), rejected = the reference model's own answer. Metric: refusal rate on held-out gibberish.
-- **RL** (a verifiable reward, a new skill): digits rotated by 90° earn reward 1 when answered with the right
-  digit; the policy samples its answer and learns from the reward alone. Metric: greedy reward on rotated
-  test digits.
+The language-model chain lives in ``cl_lab.lm.align`` (the data, the losses, the probe); this module runs it the
+way the chapter tells it and draws the figures.
 """
 
 from __future__ import annotations
@@ -33,111 +23,203 @@ from cl_lab import _validate, models
 from cl_lab.chapters.ch02 import mnist
 from cl_lab.device import seed_everything
 from cl_lab.fisher import fisher_diagonal
-from cl_lab.methods.alignment import (
-    STAGES,
-    StageAdapters,
-    check_beta,
-    check_fraction,
-    check_stage,
-    diagonal_quadratic,
-    dpo_loss_from_logits,
-    fisher_quadratic,
-    kl_along,
-    kl_to_reference,
-    reinforce_loss,
-    sft_loss,
-)
+from cl_lab.lm import BASE_RELATIONS, Lab, align, kl_estimators, tiny_lm
+from cl_lab.methods.alignment import diagonal_quadratic, fisher_quadratic, kl_along, sft_loss
 
-REFUSE = 10  # the extra output: "I won't answer"
-N_OUT = 11
-METRICS = ("general", "sft", "dpo", "rl")  # columns of the capability matrix
-METRIC_NAMES = {"general": "general: digit accuracy", "sft": "SFT: next digit (inverted)",
-                "dpo": "DPO: refuses gibberish", "rl": "RL: rotated digits"}
-KL_INPUTS = ("stage", "general")
-ANCHORS = ("previous", "pretrained")
+STAGES = ("base", "SFT", "DPO")
+SHOWN = ("recall", "paraphrase", "instruction", "format", "win rate")  # the [0, 1] columns of the matrix
+REMEDY_COLOURS = {"DPO (plain)": "tab:red", "null control": "tab:pink", "KL on text": "tab:blue",
+                  "replay": "tab:green", "LoRA only": "tab:purple", "averaging": "tab:orange"}
 
 
-# ------------------------------------------------------------------ inputs of each stage
-
-def invert(x: torch.Tensor) -> torch.Tensor:
-    """Images x [N, 784] with ink and background swapped: the SFT stage's "prompt format"."""
-    return 1.0 - x
-
-
-def rotate90(x: torch.Tensor) -> torch.Tensor:
-    """Images x [N, 784] rotated by 90° (exactly, by transposing and flipping the 28×28 grid)."""
-    return x.reshape(-1, 28, 28).transpose(1, 2).flip(2).reshape(len(x), 784)
-
-
-def gibberish(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Each image's pixels shuffled by its own random permutation [N, 784]: same ink, no digit."""
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.argsort(torch.rand(x.shape, generator=gen), dim=1)
-    return x.gather(1, order)
-
+# ------------------------------------------------------------------ the LM chain: SFT, then DPO
 
 @dataclass
-class ChainData:
-    """Inputs and targets of the pretraining set and of each stage, train and test, on the CPU."""
+class LMChain:
+    """The lab, the chain's data, the SFT model (the DPO reference) and the probe measuring every row."""
 
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    sft_x: torch.Tensor
-    sft_y: torch.Tensor
-    sft_x_test: torch.Tensor
-    sft_y_test: torch.Tensor
-    dpo_x: torch.Tensor
-    dpo_x_test: torch.Tensor
-    rl_x: torch.Tensor
-    rl_y: torch.Tensor
-    rl_x_test: torch.Tensor
-    rl_y_test: torch.Tensor
-
-    def stage_inputs(self, stage: str) -> torch.Tensor:
-        return {"sft": self.sft_x, "dpo": self.dpo_x, "rl": self.rl_x}[check_stage(stage)]
+    lab: Lab
+    data: align.AlignmentData
+    sft_model: nn.Module
+    probe: align.Probe
+    base_row: dict
+    sft_row: dict
 
 
-@lru_cache(maxsize=1)
-def chain_data() -> ChainData:
-    """The toy's data, built once per process from MNIST (4,000 train / 1,000 test images offline)."""
-    d = mnist()
-    return ChainData(
-        d.x_train, d.y_train, d.x_test, d.y_test,
-        invert(d.x_train), (d.y_train + 1) % 10, invert(d.x_test), (d.y_test + 1) % 10,
-        gibberish(d.x_train, seed=1), gibberish(d.x_test, seed=2),
-        rotate90(d.x_train), d.y_train, rotate90(d.x_test), d.y_test)
+def lm_chain(seed: int = 0, sft_steps: int = 150, sft_lr: float = 3e-4, n_sft_subjects: int = 60,
+             lab_config: dict | None = None, device: str = "cpu") -> LMChain:
+    """The tiny LM of ``seed`` (pretrained once, then cached on disk; ``lab_config`` overrides ``LMConfig``
+    fields, e.g. ``lm.SMOKE_CONFIG``) and its SFT into the question format; kept in memory per setting, so the
+    playground starts from the same SFT model as the chapter."""
+    return _lm_chain(seed, sft_steps, sft_lr, n_sft_subjects, tuple(sorted((lab_config or {}).items())), device)
 
 
-@torch.no_grad()
-def _answers(model: nn.Module, x: torch.Tensor, device) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    out = model(x.to(device)).argmax(1).cpu()  # [N]
-    model.train(was_training)
-    return out
+@lru_cache(maxsize=4)
+def _lm_chain(seed: int, sft_steps: int, sft_lr: float, n_sft_subjects: int, lab_config: tuple,
+              device: str) -> LMChain:
+    lab = tiny_lm(seed, progress=False, device=device, **dict(lab_config))
+    data = align.alignment_data(lab.world, n_sft_subjects=n_sft_subjects, seed=seed)
+    model = align.sft(lab, data, steps=sft_steps, lr=sft_lr, seed=seed)
+    probe = align.Probe(lab, data, model, seed=seed)
+    return LMChain(lab, data, model, probe, probe(lab.model), probe(model))
 
 
-def capabilities(model: nn.Module, reference: nn.Module | None = None, device: torch.device | str = "cpu") -> dict:
-    """Every metric of the chain for one model: general digit accuracy, each stage's target metric, the
-    over-refusal rate (refusals on clean digits) and, given the pretrained ``reference``, the drift
-    KL(π_ref ‖ π_θ) on clean test digits."""
-    d = chain_data()
-    clean = _answers(model, d.x_test, device)
-    drift = {}
-    if reference is not None:
-        with torch.no_grad():
-            x = d.x_test.to(device)
-            drift = {"drift": kl_to_reference(model.eval()(x), reference.eval()(x), "ref||policy").item()}
-    return {"general": (clean == d.y_test).float().mean().item(),
-            "sft": (_answers(model, d.sft_x_test, device) == d.sft_y_test).float().mean().item(),
-            "dpo": (_answers(model, d.dpo_x_test, device) == REFUSE).float().mean().item(),
-            "rl": (_answers(model, d.rl_x_test, device) == d.rl_y_test).float().mean().item(),
-            "over-refusal": (clean == REFUSE).float().mean().item(), **drift}
+def run_dpo(chain: LMChain, config: align.DPOConfig) -> tuple[nn.Module, pd.DataFrame]:
+    """DPO from the chain's SFT model on its pairs, with the trajectory of capability rows."""
+    return align.dpo(chain.lab, chain.sft_model, chain.data.pairs, config, chain.probe)
 
 
-# ------------------------------------------------------------------ pretraining and one post-training stage
+def capability_matrix(chain: LMChain, dpo_model: nn.Module) -> pd.DataFrame:
+    """Rows base → SFT → DPO, columns: the probe's measurements."""
+    return pd.DataFrame({"base": chain.base_row, "SFT": chain.sft_row, "DPO": chain.probe(dpo_model)}).T
+
+
+def remedy_configs(base: align.DPOConfig, *, kl_coef: float = 0.3, replay_share: float = 0.25,
+                   lora_rank: int = 8, lora_lr: float = 2e-3, null_seed: int = 100) -> dict[str, align.DPOConfig]:
+    """The runs of the remedies section: plain DPO, the same with another data order (the null control), and
+    each remedy alone, every other setting as in ``base``."""
+    replace = lambda **kw: align.DPOConfig(**{**base.__dict__, **kw})  # noqa: E731
+    return {"DPO (plain)": base, "null control": replace(seed=base.seed + null_seed),
+            "KL on text": replace(kl_coef=kl_coef), "replay": replace(replay_share=replay_share),
+            "LoRA only": replace(lora_rank=lora_rank, lora_lr=lora_lr)}
+
+
+def matched(paths: dict[str, pd.DataFrame], target: float, by: str = "win rate") -> pd.DataFrame:
+    """Every path's row where ``by`` first reaches ``target`` (see ``align.at_strength``)."""
+    return pd.DataFrame({name: align.at_strength(path, target, by) for name, path in paths.items()}).T
+
+
+# ------------------------------------------------------------------ KL estimators on the LM
+
+def estimator_contexts(chain: LMChain, n_texts: int = 60) -> dict[str, torch.Tensor]:
+    """Where to compare next-token distributions: the answer position of the held-out people's questions
+    (where DPO moved the model) and every position of held-out general text (where it barely did)."""
+    world = chain.lab.world
+    questions = [f.prompt for r in BASE_RELATIONS for f in world.questions(r.name, chain.data.heldout_subjects)]
+    gen = torch.Generator().manual_seed(0)
+    texts = [world.general_test[i] for i in torch.randperm(len(world.general_test), generator=gen)[:n_texts]]
+    return {"questions": chain.lab.encode(questions), "general text": chain.lab.encode(texts)}
+
+
+def kl_estimator_tables(chain: LMChain, policies: dict[str, nn.Module], n_samples: int = 2000, seed: int = 0
+                        ) -> pd.DataFrame:
+    """k1, k2, k3 of KL(π ‖ π_SFT) against the exact KL, for each policy π and context set (rows: policy,
+    contexts, estimator)."""
+    pad = chain.lab.tokenizer.pad_token_id
+    tables = {}
+    for name, ids in estimator_contexts(chain).items():
+        last = name == "questions"
+        reference = kl_estimators.next_token_logits(chain.sft_model, ids, pad, last_only=last)
+        for policy_name, policy in policies.items():
+            logits = kl_estimators.next_token_logits(policy, ids, pad, last_only=last)
+            estimates = kl_estimators.kl_estimates(logits, reference, n_samples, seed)
+            tables[(policy_name, name)] = kl_estimators.estimator_table(estimates)
+    return pd.concat(tables, names=["policy", "contexts", "estimator"])
+
+
+# ------------------------------------------------------------------ plots
+
+def plot_capability_matrix(R: pd.DataFrame):
+    """Left: the [0, 1] columns as bars per stage; right: general perplexity per stage."""
+    fig, (ax, ax_ppl) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / len(R)
+    for i, stage in enumerate(R.index):
+        ax.bar(np.arange(len(SHOWN)) + (i - (len(R) - 1) / 2) * width, R.loc[stage, list(SHOWN)], width, label=stage)
+    ax.set_xticks(range(len(SHOWN)), SHOWN)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("capability matrix: each measurement after each stage", fontsize=9)
+    ax.legend(fontsize=8)
+    ax_ppl.bar(range(len(R)), R["perplexity"], color=[f"C{i}" for i in range(len(R))])
+    ax_ppl.set_xticks(range(len(R)), list(R.index))
+    ax_ppl.set_title("general perplexity (lower is better)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_front(paths: dict[str, pd.DataFrame], target: float, column: str = "recall", baseline: float | None = None):
+    """Each path's ``column`` against its win rate (the tax–alignment front), a dot where it crosses ``target``."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for name, path in paths.items():
+        colour = REMEDY_COLOURS.get(name)
+        ax.plot(path["win rate"], path[column], "o-" if name != "averaging" else "s--", ms=3, color=colour, label=name)
+        point = align.at_strength(path, target)
+        if point.notna().all():
+            ax.plot([target], [point[column]], "o", ms=9, mfc="none", color=colour)
+    ax.axvline(target, color="grey", ls=":", lw=1)
+    if baseline is not None:
+        ax.axhline(baseline, color="k", ls=":", lw=1, label="after SFT")
+    ax.set_xlabel("preference win rate (held-out people)")
+    ax.set_ylabel(f"{column} (pretraining facts)" if column == "recall" else column)
+    ax.set_title(f"tax–alignment front; circles: matched at win rate {target:g}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_kl_estimators(table: pd.DataFrame):
+    """Per (policy, context set): each estimator's bias and one-sample spread, relative to the exact KL."""
+    panels = list(dict.fromkeys(table.index.droplevel(-1)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], panels):
+        part = table.loc[name]
+        kl = part["exact KL"].iloc[0]
+        x = np.arange(len(part))
+        ax.bar(x - 0.2, part["bias"] / kl, 0.4, label="bias / KL")
+        ax.bar(x + 0.2, part["relative std"], 0.4, label="one-sample std / KL")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(x, list(part.index))
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.set_title(f"{', '.join(name)}: KL = {kl:.3g} nats", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------ the playground: β × replay share
+
+@lru_cache(maxsize=64)
+def alignment_point(beta: float = 0.1, replay_share: float = 0.0, seed: int = 0, steps: int = 40,
+                    lr: float = 5e-4, sft_steps: int = 150, n_sft_subjects: int = 60, lab_config: tuple = (),
+                    device: str = "cpu") -> dict:
+    """One DPO run from the chapter's SFT model (``lm_chain``'s, for the same seed, SFT steps, people and lab
+    config) at DPO strength ``beta`` and replay share ``replay_share``: its trajectory (a row at the start, half
+    way and the end) and last row, beside the SFT row."""
+    config = align.DPOConfig(beta=beta, replay_share=replay_share, steps=steps, lr=lr, seed=seed,
+                             probe_every=max(steps // 2, 1))
+    chain = lm_chain(seed=seed, sft_steps=sft_steps, n_sft_subjects=n_sft_subjects, lab_config=dict(lab_config),
+                     device=device)
+    _, trajectory = run_dpo(chain, config)
+    return {"beta": beta, "replay_share": replay_share, "trajectory": trajectory,
+            "last": trajectory.iloc[-1].to_dict(), "sft": chain.sft_row}
+
+
+def plot_alignment_point(result: dict):
+    """Left: win rate and recall along the run; right: the last row against the SFT model's."""
+    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(10, 3.4))
+    traj = result["trajectory"]
+    for column, style in (("win rate", "o-"), ("recall", "s-"), ("paraphrase", "^-")):
+        ax_t.plot(traj["step"], traj[column], style, ms=4, label=column)
+    ax_t.set_ylim(-0.02, 1.02)
+    ax_t.set_xlabel("DPO step")
+    ax_t.legend(fontsize=8)
+    ax_t.set_title(f"β = {result['beta']:g}, replay share {result['replay_share']:.2f}", fontsize=9)
+    x = np.arange(len(SHOWN))
+    ax_b.bar(x - 0.2, [result["sft"][c] for c in SHOWN], 0.4, label="after SFT", color="grey")
+    ax_b.bar(x + 0.2, [result["last"][c] for c in SHOWN], 0.4, label="after DPO", color="tab:red")
+    ax_b.set_xticks(x, SHOWN)
+    ax_b.set_ylim(0, 1.05)
+    ax_b.legend(fontsize=8)
+    ax_b.set_title(f"perplexity {result['sft']['perplexity']:.2f} → {result['last']['perplexity']:.2f}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------ MNIST: the KL as a quadratic (kept from the toy)
+
+def invert(x: torch.Tensor) -> torch.Tensor:
+    """Images x [N, 784] with ink and background swapped: the toy SFT stage's "prompt format"."""
+    return 1.0 - x
+
 
 def _batches(n: int, batch_size: int, gen: torch.Generator):
     while True:
@@ -146,158 +228,45 @@ def _batches(n: int, batch_size: int, gen: torch.Generator):
                 yield idx
 
 
-def new_model(hidden: Sequence[int] = (100, 100)) -> nn.Module:
-    return models.MLP(784, tuple(hidden), N_OUT)
-
-
-@lru_cache(maxsize=8)
-def _pretrained(hidden: tuple[int, ...], steps: int, seed: int, device: str) -> nn.Module:
-    d = chain_data()
-    gen = seed_everything(seed)
-    model = new_model(hidden).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _, idx in zip(range(steps), _batches(len(d.x_train), 64, gen)):
-        loss = sft_loss(model(d.x_train[idx].to(device)), d.y_train[idx].to(device))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-def pretrained(hidden: Sequence[int] = (100, 100), steps: int = 500, seed: int = 0,
-               device: torch.device | str = "cpu") -> nn.Module:
-    """A fresh copy of the "pretrained" model: clean digits, cross-entropy, Adam; trained once per setting."""
-    _validate.positive_int("steps", steps)
-    return copy.deepcopy(_pretrained(tuple(hidden), steps, seed, str(device)))
-
-
-def stage_loss(stage: str, model: nn.Module, ref: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               dpo_beta: float, gen: torch.Generator) -> torch.Tensor:
-    """The stage's own objective on a batch x [B, D] (y: SFT targets or the RL rule's answers [B])."""
-    logits = model(x)
-    if stage == "sft":
-        return sft_loss(logits, y)
-    with torch.no_grad():
-        ref_logits = ref(x)
-    if stage == "dpo":
-        chosen = torch.full_like(y, REFUSE)
-        rejected = ref_logits.argmax(1)  # the reference's own answer is the dispreferred one
-        return dpo_loss_from_logits(logits, ref_logits, chosen, rejected, dpo_beta)
-    probs = logits.detach().softmax(1).cpu()
-    actions = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(x.device)  # sampled answers [B]
-    rewards = (actions == y).float()  # a verifiable reward: 1 for the previous digit
-    return reinforce_loss(logits, actions, rewards)
-
-
-def train_stage(model: nn.Module, stage: str, ref: nn.Module, *, steps: int = 200, lr: float = 3e-4,
-                beta: float = 0.0, kl_inputs: str = "stage", replay: float = 0.0, dpo_beta: float = 1.0,
-                params: Sequence[nn.Parameter] | None = None, batch_size: int = 64, seed: int = 0,
-                device: torch.device | str = "cpu") -> nn.Module:
-    """One post-training stage from the model's current weights (in place). Loss per step:
-
-        (1 − replay)·[stage loss + β·KL(π_θ ‖ π_ref) on ``kl_inputs``] + replay·CE(pretraining batch)
-
-    ``kl_inputs``: 'stage' measures the KL on the stage's own batch (as RLHF does), 'general' on a batch of
-    clean digits (unlabelled). ``replay`` is the share of the loss given to pretraining data with labels,
-    InstructGPT's PPO-ptx (Ouyang et al. 2022, eq. 2). ``params``: what to train (default: all)."""
-    check_stage(stage)
-    beta = check_beta(beta)
-    replay = check_fraction("replay", replay)
-    _validate.one_of("kl_inputs", kl_inputs, KL_INPUTS)
-    _validate.positive_int("steps", steps)
-    d = chain_data()
-    gen = torch.Generator().manual_seed(seed * 1000 + STAGES.index(stage))
-    x_stage = d.stage_inputs(stage)
-    y_stage = {"sft": d.sft_y, "dpo": d.y_train, "rl": d.rl_y}[stage]
-    ref = ref.eval()
-    opt = torch.optim.Adam(list(params) if params is not None else model.parameters(), lr=lr)
+def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, gen: torch.Generator) -> None:
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    batches = _batches(len(x_stage), batch_size, gen)
-    for _ in range(steps):
-        idx = next(batches)
-        x, y = x_stage[idx].to(device), y_stage[idx].to(device)
-        loss = stage_loss(stage, model, ref, x, y, dpo_beta, gen)
-        if beta > 0:
-            kl_x = x if kl_inputs == "stage" else d.x_train[next(batches)].to(device)
-            with torch.no_grad():
-                ref_logits = ref(kl_x)
-            loss = loss + beta * kl_to_reference(model(kl_x), ref_logits)
-        if replay > 0:
-            ptx = next(batches)
-            ptx_loss = sft_loss(model(d.x_train[ptx].to(device)), d.y_train[ptx].to(device))
-            loss = (1 - replay) * loss + replay * ptx_loss
+    for _, idx in zip(range(steps), _batches(len(x), 64, gen)):
+        loss = sft_loss(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval()
+    model.eval()
 
 
-# ------------------------------------------------------------------ the chain and its capability matrix
-
-@dataclass
-class Chain:
-    """A run of the chain: the capability matrix (rows: after pretraining and after each stage; columns: the
-    metrics) and the checkpoint after each row."""
-
-    R: pd.DataFrame
-    checkpoints: dict[str, nn.Module]
-
-    @property
-    def tax(self) -> float:
-        """General capability lost from pretraining to the end of the chain (positive = lost)."""
-        return float(self.R["general"].iloc[0] - self.R["general"].iloc[-1])
+@lru_cache(maxsize=4)
+def _mnist_pair(hidden: tuple[int, ...], pretrain_steps: int, sft_steps: int, seed: int) -> tuple[nn.Module, nn.Module]:
+    d = mnist()
+    gen = seed_everything(seed)
+    pre = models.MLP(784, hidden, 10)
+    _fit(pre, d.x_train, d.y_train, pretrain_steps, 1e-3, gen)
+    sft_model = copy.deepcopy(pre)
+    _fit(sft_model, invert(d.x_train), (d.y_train + 1) % 10, sft_steps, 3e-4, gen)
+    return pre, sft_model
 
 
-def run_chain(*, stages: Sequence[str] = STAGES, beta: float = 0.0, kl_inputs: str = "stage", replay: float = 0.0,
-              anchor: str = "previous", steps: int = 200, pretrain_steps: int = 500,
-              hidden: Sequence[int] = (100, 100), seed: int = 0, device: torch.device | str = "cpu") -> Chain:
-    """Pretrain, then each stage in order from the previous checkpoint. ``anchor``: the KL/DPO reference is the
-    stage's starting checkpoint ('previous', as in practice) or the pretrained model ('pretrained')."""
-    for s in stages:
-        check_stage(s)
-    _validate.one_of("anchor", anchor, ANCHORS)
-    model = pretrained(hidden, pretrain_steps, seed, device)
-    base = copy.deepcopy(model)
-    rows, checkpoints = {"pretrained": capabilities(model, base, device)}, {"pretrained": base}
-    for stage in stages:
-        ref = copy.deepcopy(model if anchor == "previous" else checkpoints["pretrained"])
-        train_stage(model, stage, ref, steps=steps, beta=beta, kl_inputs=kl_inputs, replay=replay, seed=seed,
-                    device=device)
-        rows[stage] = capabilities(model, base, device)
-        checkpoints[stage] = copy.deepcopy(model)
-    return Chain(pd.DataFrame(rows).T, checkpoints)
+def mnist_sft_update(hidden: Sequence[int] = (100, 100), pretrain_steps: int = 500, sft_steps: int = 200,
+                     seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """(pretrained MLP, the same after a toy SFT stage): clean digits with Adam, then inverted digits answered
+    with the next digit, (y + 1) mod 10. Copies of models trained once per setting."""
+    _validate.positive_int("pretrain_steps", pretrain_steps)
+    _validate.positive_int("sft_steps", sft_steps)
+    pre, sft_model = _mnist_pair(tuple(hidden), pretrain_steps, sft_steps, seed)
+    return copy.deepcopy(pre), copy.deepcopy(sft_model)
 
 
-def run_lora_chain(*, rank: int = 4, steps: int = 200, lr: float = 1e-2, pretrain_steps: int = 500,
-                   hidden: Sequence[int] = (100, 100), seed: int = 0, device: torch.device | str = "cpu"
-                   ) -> tuple[pd.DataFrame, bool]:
-    """A frozen pretrained backbone with one rank-``rank`` adapter per stage, each trained on the bare backbone
-    (reference: the backbone). Returns (metrics per way of deploying them: the bare backbone, each stage's
-    adapter alone, all adapters summed; whether the backbone stayed bit-identical)."""
-    backbone = pretrained(hidden, pretrain_steps, seed, device)
-    base = copy.deepcopy(backbone)
-    seed_everything(seed)
-    model = StageAdapters(backbone, STAGES, rank).to(device)
-    before = model.backbone_state()
-    for stage in STAGES:
-        ref = copy.deepcopy(model.use([]))
-        params = model.train_stage(stage)
-        train_stage(model, stage, ref, steps=steps, lr=lr, params=params, seed=seed, device=device)
-    rows = {"backbone only": capabilities(model.use([]), base, device)}
-    rows.update({f"{s} adapter only": capabilities(model.use([s]), base, device) for s in STAGES})
-    rows["all adapters summed"] = capabilities(model.use(list(STAGES)), base, device)
-    after = model.backbone_state()
-    identical = all(torch.equal(before[n], after[n]) for n in before)
-    return pd.DataFrame(rows).T, identical
+def mnist_test_sample(n: int, seed: int = 0, inverted: bool = False) -> torch.Tensor:
+    """A seeded random draw of ``n`` MNIST test images [n, 784] (never a prefix: stored data may be sorted)."""
+    x = mnist().x_test
+    _validate.positive_int("n", n)
+    rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return invert(x[rows]) if inverted else x[rows]
 
-
-def routed(lora: pd.DataFrame) -> dict:
-    """Metrics when an oracle router sends each input type to its own adapter (clean digits to the backbone)."""
-    return {"general": lora.loc["backbone only", "general"],
-            **{s: lora.loc[f"{s} adapter only", s] for s in STAGES}}
-
-
-# ------------------------------------------------------------------ the KL as implicit EWC
 
 def kl_versus_quadratic(reference: nn.Module, moved: nn.Module, x: torch.Tensor,
                         scales: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0)) -> pd.DataFrame:
@@ -319,55 +288,3 @@ def kl_versus_quadratic(reference: nn.Module, moved: nn.Module, x: torch.Tensor,
     table = pd.DataFrame(rows).set_index("t")
     table["KL / full quadratic"] = table["KL(ref‖θ)"] / table["½ΔθᵀFΔθ (full)"]
     return table
-
-
-# ------------------------------------------------------------------ plots
-
-def plot_capability_matrix(R: pd.DataFrame, ax=None, title: str = "capability matrix"):
-    """Heat map of the chain's matrix: rows = after which stage, columns = the four metrics."""
-    ax = ax or plt.subplots(figsize=(5.2, 3.4))[1]
-    values = R[list(METRICS)].to_numpy()
-    ax.imshow(values, vmin=0, vmax=1, cmap="viridis")
-    for i, j in np.ndindex(values.shape):
-        ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                color="w" if values[i, j] < 0.6 else "k")
-    ax.set_xticks(range(len(METRICS)), [METRIC_NAMES[m].split(":")[0] for m in METRICS])
-    ax.set_yticks(range(len(R)), [f"after {r}" for r in R.index])
-    ax.set_title(title, fontsize=9)
-    return ax
-
-
-def plot_tax_curves(R: pd.DataFrame, ax=None, title: str = ""):
-    """Each metric across the chain's stages."""
-    ax = ax or plt.subplots(figsize=(5, 3.4))[1]
-    for m in METRICS:
-        ax.plot(range(len(R)), R[m], "o-", ms=4, label=METRIC_NAMES[m])
-    ax.set_xticks(range(len(R)), list(R.index))
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("metric")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    return ax
-
-
-# ------------------------------------------------------------------ the playground
-
-@lru_cache(maxsize=64)
-def tax_point(beta: float = 0.0, replay: float = 0.0, kl_inputs: str = "stage", steps: int = 200,
-              pretrain_steps: int = 500, hidden: tuple[int, ...] = (100, 100), seed: int = 0,
-              device: str = "cpu") -> dict:
-    """One chain at KL strength ``beta`` and replay share ``replay``: its capability matrix and the tax."""
-    check_beta(beta)
-    check_fraction("replay", replay)
-    chain = run_chain(beta=beta, kl_inputs=kl_inputs, replay=replay, steps=steps, pretrain_steps=pretrain_steps,
-                      hidden=hidden, seed=seed, device=device)
-    return {"beta": beta, "replay": replay, "kl_inputs": kl_inputs, "R": chain.R, "tax": chain.tax}
-
-
-def plot_tax_point(result: dict):
-    fig, (ax_m, ax_c) = plt.subplots(1, 2, figsize=(10, 3.4))
-    title = f"β = {result['beta']:g} (KL on {result['kl_inputs']} inputs), replay {result['replay']:.2f}"
-    plot_capability_matrix(result["R"], ax_m, title)
-    plot_tax_curves(result["R"], ax_c, f"tax on general digits: {result['tax']:+.3f}")
-    fig.tight_layout()
-    return fig

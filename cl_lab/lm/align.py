@@ -17,13 +17,12 @@ DPO is Rafailov et al. 2023 (arXiv:2305.18290), eq. 7, on sequence log-probabili
 the sum of the response tokens' log-probabilities, as TRL computes them. Its remedies (``DPOConfig``): an
 explicit KL to the reference on pretraining text, replay of pretraining text (its share counted in tokens),
 LoRA-only training, and weight averaging between the pre- and post-alignment models (``interpolate``; Lin et
-al. 2024, arXiv:2309.06256).
+al. 2024, arXiv:2309.06256). Sampled KL estimators live in ``cl_lab.lm.kl_estimators``.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -87,7 +86,7 @@ class AlignmentData:
     instruction_facts: list[Fact]  # held-out people, the relations the preference never touches
 
 
-def alignment_data(world: World, n_sft_subjects: int = 60, seed: int = 0, helpful: bool = False) -> AlignmentData:
+def alignment_data(world: World, n_sft_subjects: int = 60, seed: int = 0, helpful: bool = True) -> AlignmentData:
     """Split the pretrained people at random (seeded) into SFT people and held-out people, and build the data."""
     if not isinstance(world, World):
         raise TypeError(f"world must be a cl_lab.lm World, got {type(world).__name__}")
@@ -192,8 +191,8 @@ class Probe:
     - ``perplexity``: on held-out general text.
     """
 
-    def __init__(self, lab: Lab, data: AlignmentData, reference: nn.Module, *, n_facts: int = 480,
-                 n_texts: int = 150, seed: int = 0) -> None:
+    def __init__(self, lab: Lab, data: AlignmentData, reference: nn.Module, *, n_facts: int = 200,
+                 n_texts: int = 60, seed: int = 0) -> None:
         world, tokenizer = lab.world, lab.tokenizer
         gen = torch.Generator().manual_seed(seed)
 
@@ -355,13 +354,15 @@ def kl_on_texts(model: nn.Module, reference: nn.Module, ids: torch.Tensor, pad_i
     return kl_divergence(current, base)[real].mean()
 
 
-def _lora(model: nn.Module, rank: int) -> nn.Module:
+def _lora(model: nn.Module, rank: int, seed: int) -> nn.Module:
+    """``model`` wrapped by PEFT with rank-``rank`` adapters (A drawn from ``seed``, B zero) on every projection."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LORA_TARGETS), fan_in_fan_out=True,
                         lora_dropout=0.0)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore")  # PEFT notes that GPT-2's Conv1D needs fan_in_fan_out, which we set
+        torch.manual_seed(seed)  # PEFT draws A from the global generator: seed it, and leave it as it was
         return get_peft_model(model, config)
 
 
@@ -384,7 +385,7 @@ def dpo(lab: Lab, reference: nn.Module, pairs: Sequence[Pair], config: DPOConfig
     gen = torch.Generator().manual_seed(config.seed)
     policy = copy.deepcopy(reference).requires_grad_(True)
     if config.lora_rank:
-        policy = _lora(policy, config.lora_rank)
+        policy = _lora(policy, config.lora_rank, config.seed)
     policy.train()
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = _optimizer(params, config.lora_lr if config.lora_rank else config.lr)
@@ -450,7 +451,3 @@ def at_strength(path: pd.DataFrame, target: float, by: str = "win rate") -> pd.S
             w = (target - values[i - 1]) / (values[i] - values[i - 1])
             return path.iloc[i - 1] + w * (path.iloc[i] - path.iloc[i - 1])
     return pd.Series(math.nan, index=path.columns)
-
-
-def config_dict(config: DPOConfig) -> dict:
-    return dataclasses.asdict(config)

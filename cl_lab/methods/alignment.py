@@ -1,19 +1,15 @@
-"""Post-training losses for a toy alignment chain (chapter 12): SFT, DPO, REINFORCE with a KL penalty, the KL
-itself and its quadratic (Fisher) approximation, and a minimal per-stage low-rank adapter.
+"""Post-training losses and the KL penalty as a quadratic (chapter 12).
 
-Everything acts on a classifier's logits [B, C], so "a response" is one class and every expectation over
-responses is an exact sum over the C classes (an LLM must sample sequences instead).
-
-- DPO, Rafailov et al. 2023 (arXiv:2305.18290), eq. 7:
+- DPO, Rafailov et al. 2023 (arXiv:2305.18290), eq. 7, on log-probabilities of whole responses:
   L = −log σ(β[(log π_θ(y_w|x) − log π_ref(y_w|x)) − (log π_θ(y_l|x) − log π_ref(y_l|x))]).
-- KL-penalised policy gradient, Ziegler et al. 2019 (arXiv:1909.08593) eq. 2, Ouyang et al. 2022
-  (arXiv:2203.02155) eq. 2: maximise E[r(x, y)] − β KL(π_θ(·|x) ‖ π_ref(·|x)).
-- LoRA, Hu et al. 2021 (arXiv:2106.09685), eq. 3: h = W₀x + B A x with W₀ frozen, B zero at the start.
+  ``cl_lab.lm.align`` feeds it the sequence log-probabilities of a language model's responses.
+- The KL to a reference, KL(π_θ ‖ π_ref) as in RLHF (Ouyang et al. 2022, arXiv:2203.02155, eq. 2) or the
+  distillation direction, exact over a classifier's C answers; along an update Δθ it is ≈ ½ΔθᵀFΔθ, F the
+  reference's Fisher: full-matrix EWC (``fisher_quadratic``) beside EWC's diagonal (Kirkpatrick et al. 2017,
+  eq. 3; ``diagonal_quadratic``).
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,23 +17,6 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from cl_lab import _validate
-
-STAGES = ("sft", "dpo", "rl")
-
-
-def check_stage(stage: str) -> str:
-    """The stage name, or a ValueError naming the allowed ones."""
-    return _validate.one_of("stage", stage, STAGES)
-
-
-def check_beta(beta: float, name: str = "beta") -> float:
-    """β (a KL or DPO strength) must be a number ≥ 0."""
-    return _validate.non_negative(name, beta)
-
-
-def check_fraction(name: str, value: float) -> float:
-    """A share such as the replay fraction must lie in [0, 1]."""
-    return _validate.in_range(name, value, 0.0, 1.0)
 
 
 def sft_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -48,20 +27,12 @@ def sft_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def dpo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_logp_chosen: torch.Tensor,
              ref_logp_rejected: torch.Tensor, beta: float) -> torch.Tensor:
     """DPO (Rafailov et al. 2023, eq. 7), mean over pairs. Inputs are log-probabilities [B] of the chosen and
-    rejected answers under the policy and the frozen reference; β > 0 sets how far the implicit reward
-    β·log(π_θ/π_ref) may move before the loss saturates."""
+    rejected responses under the policy and the frozen reference (for a language model: sums over the
+    response's tokens); β > 0 is the strength of the implicit KL to the reference — the loss saturates once
+    the implicit reward margin β·Δ passes a few units. Equals ln 2 at π_θ = π_ref."""
     beta = _validate.positive("beta", beta)
     margin = (logp_chosen - ref_logp_chosen) - (logp_rejected - ref_logp_rejected)  # [B]
     return -F.logsigmoid(beta * margin).mean()
-
-
-def dpo_loss_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, chosen: torch.Tensor,
-                         rejected: torch.Tensor, beta: float) -> torch.Tensor:
-    """DPO on classifier outputs: logits and ref_logits [B, C], chosen and rejected answer ids [B]."""
-    logp, ref_logp = F.log_softmax(logits, 1), F.log_softmax(ref_logits, 1)  # [B, C]
-    pick = lambda lp, ids: lp.gather(1, ids[:, None]).squeeze(1)  # noqa: E731  [B]
-    return dpo_loss(pick(logp, chosen), pick(logp, rejected), pick(ref_logp, chosen), pick(ref_logp, rejected),
-                    beta)
 
 
 def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, direction: str = "policy||ref"
@@ -74,21 +45,6 @@ def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, direction: s
     if direction == "policy||ref":
         return (logp.exp() * (logp - ref_logp)).sum(1).mean()
     return (ref_logp.exp() * (ref_logp - logp)).sum(1).mean()
-
-
-def reinforce_loss(logits: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-    """REINFORCE (Williams 1992) with the batch-mean reward as baseline: −mean((r − r̄)·log π(a|x)).
-    logits [B, C], sampled actions [B], rewards [B]."""
-    advantage = (rewards - rewards.mean()).detach()  # [B]
-    logp = F.log_softmax(logits, 1).gather(1, actions[:, None]).squeeze(1)  # [B]
-    return -(advantage * logp).mean()
-
-
-def rl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
-            beta: float) -> torch.Tensor:
-    """KL-penalised REINFORCE (Ziegler et al. 2019, eq. 2): reward term plus β·KL(π_θ ‖ π_ref) on the same inputs."""
-    beta = check_beta(beta)
-    return reinforce_loss(logits, actions, rewards) + beta * kl_to_reference(logits, ref_logits)
 
 
 # ------------------------------------------------------------------ the KL as a quadratic: implicit full-matrix EWC
@@ -146,76 +102,3 @@ def full_fisher(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         p = logits_of(flat, xb).softmax(0).detach()  # [C]
         total += jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac
     return total / len(x)
-
-
-# ------------------------------------------------------------------ a separate low-rank adapter per stage
-
-class StageLoRALinear(nn.Module):
-    """A frozen nn.Linear plus one rank-r adapter ΔW_s = B_s A_s per stage s (Hu et al. 2021, eq. 3).
-    ``active`` names the stages whose adapters are added to the output."""
-
-    def __init__(self, base: nn.Linear, stages: Sequence[str], rank: int, alpha: float = 1.0) -> None:
-        super().__init__()
-        _validate.positive_int("rank", rank)
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
-        self.scaling = _validate.positive("alpha", alpha) / rank
-        self.A = nn.ParameterDict({s: nn.Parameter(torch.randn(rank, base.in_features) / base.in_features ** 0.5)
-                                   for s in stages})  # [r, in]
-        self.B = nn.ParameterDict({s: nn.Parameter(torch.zeros(base.out_features, rank)) for s in stages})  # [out, r]
-        self.active: list[str] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, in] -> [N, out]
-        out = self.base(x)
-        for s in self.active:
-            out = out + self.scaling * (x @ self.A[s].T) @ self.B[s].T
-        return out
-
-
-class StageAdapters(nn.Module):
-    """A frozen backbone whose every Linear carries one adapter per stage. ``train_stage(s)`` makes only stage
-    s's adapter trainable and switches on that adapter alone (each stage learns on the untouched backbone);
-    ``use(stages)`` picks the adapters for inference (several are summed); ``use([])`` is the bare backbone."""
-
-    def __init__(self, backbone: nn.Module, stages: Sequence[str] = STAGES, rank: int = 4) -> None:
-        super().__init__()
-        for s in stages:
-            check_stage(s)
-        self.stages = tuple(stages)
-        self.backbone = backbone
-        self.layers: list[StageLoRALinear] = []
-        for parent in list(backbone.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    wrapped = StageLoRALinear(child, self.stages, rank)
-                    setattr(parent, name, wrapped)
-                    self.layers.append(wrapped)
-
-    def use(self, stages: Sequence[str]) -> StageAdapters:
-        for s in stages:
-            if s not in self.stages:
-                raise ValueError(f"stages must be among {self.stages}, got {s!r}")
-        for layer in self.layers:
-            layer.active = list(stages)
-        return self
-
-    def train_stage(self, stage: str) -> list[nn.Parameter]:
-        """Freeze everything but ``stage``'s adapter and switch it on alone; returns its parameters."""
-        if stage not in self.stages:
-            raise ValueError(f"stage must be one of {self.stages}, got {stage!r}")
-        self.use([stage])
-        trainable = []
-        for layer in self.layers:
-            for s in self.stages:
-                for p in (layer.A[s], layer.B[s]):
-                    p.requires_grad_(s == stage)
-            trainable += [layer.A[stage], layer.B[stage]]
-        return trainable
-
-    def backbone_state(self) -> dict[str, torch.Tensor]:
-        """The frozen weights W₀ (copies), to prove they never change."""
-        return {n: p.detach().clone() for n, p in self.named_parameters() if ".base." in n}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
