@@ -174,7 +174,7 @@ def lm_lambda_curve(setup: LMSetup, lams: Sequence[float], split: str = "test") 
 def plot_lm_lambda_curve(curve: pd.DataFrame, names: Sequence[str], own: float | None = None,
                          multitask: float | None = None):
     """Task recall (each task and the mean) and pretraining-fact recall against λ; perplexity on a twin axis."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for name in names:
         ax.plot(curve.lam, curve[name], ".-", lw=1, label=name)
     ax.plot(curve.lam, curve["mean"], "k-", lw=2.5, label="mean over the tasks")
@@ -190,7 +190,7 @@ def plot_lm_lambda_curve(curve: pd.DataFrame, names: Sequence[str], own: float |
     twin = ax.twinx()
     twin.plot(curve.lam, curve["perplexity"], "--", color="tab:red", lw=1)
     twin.set_ylabel("general perplexity (dashed)", color="tab:red")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     fig.tight_layout()
     return fig
 
@@ -424,7 +424,7 @@ def plot_merge_point(result: dict):
     own = [*result["own fine-tune"], result["base"]["pretrained"]]
     ta = [result["task arithmetic"][n] for n in result["tasks"]] + [result["task arithmetic"]["pretrained"]]
     ties = [result["TIES"][n] for n in result["tasks"]] + [result["TIES"]["pretrained"]]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     x = np.arange(len(labels))
     ax.bar(x - 0.27, own, 0.27, color="lightgrey", label="own fine-tune (θ0 for the pretraining facts)")
     ax.bar(x, ta, 0.27, color="tab:blue", label=f"task arithmetic, λ = {result['lam']:.2f}")
@@ -434,7 +434,7 @@ def plot_merge_point(result: dict):
     ax.set(ylabel="recall (test half)", ylim=(0, 1.05),
            title=f"perplexity: θ0 {ppl['base']:.2f}, TA {ppl['task arithmetic']:.2f}, TIES {ppl['TIES']:.2f}")
     ax.title.set_fontsize(9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     fig.tight_layout()
     return fig
 
