@@ -311,8 +311,8 @@ def test_delta_ranks_count_the_directions_that_hold_the_energy(lab):
         lm.weight_out_in(after.get_submodule(name)).add_(delta.float())
     for energy, expected in ((0.5, 1), (0.7, 2), (0.9, 3)):
         table = ch09.delta_ranks(lab.model, after, ["mlp.c_fc"], energy=energy)
-        assert table.loc[name, "directions for 90 %"] == expected
-        assert table.loc["transformer.h.0.mlp.c_fc", "directions for 90 %"] == 0  # unchanged
+        assert table.loc[name, "directions"] == expected
+        assert table.loc["transformer.h.0.mlp.c_fc", "directions"] == 0  # unchanged
     assert (table["full rank"] == 32).all()
     with pytest.raises(ValueError, match="energy"):
         ch09.delta_ranks(lab.model, after, ["mlp.c_fc"], energy=1.0)

@@ -26,7 +26,7 @@ from cl_lab import _validate, data, lm, metrics, models, plots, train
 from cl_lab.chapters.ch02 import mnist
 from cl_lab.data.streams import Stream
 from cl_lab.device import seed_everything
-from cl_lab.lm import TextReplay
+from cl_lab.lm import KLToBase, TextReplay
 from cl_lab.lm import lora as lm_lora
 from cl_lab.lm.stream import FactTask
 from cl_lab.methods.base import Method
@@ -120,7 +120,8 @@ def run_setup(lab: lm.Lab, stream: Stream, setup: str, *, rank: int = 8, alpha: 
     ``max_facts`` bounds the end evaluation (a seeded subset of the pretraining renderings)."""
     model, method = learner(lab, setup, rank, alpha, seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    extra = [lm_lora.ThroughAdapters(m) if isinstance(model, LoRAModel) else m for m in extra]
+    through = isinstance(model, LoRAModel)  # the LM's loss terms then read the adapted classifier inside
+    extra = [lm_lora.ThroughAdapters(m) if through and isinstance(m, (TextReplay, KLToBase)) else m for m in extra]
     run = train.fit(model, stream, [method, *extra], steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                     eval_every=eval_every, eval_samples=max(len(t.y_test) for t in stream.eval_tasks),
                     device=device, progress=False)
@@ -198,7 +199,8 @@ def never_emitted(lab: lm.Lab, stream: Stream, relation_task: int = 2) -> dict:
 # ---------------------------------------------------------------- learns less, forgets less (LM)
 
 def lm_path(run: train.Run, task: int = 1) -> pd.DataFrame:
-    """During the first new task: step, that task's recall and the pretraining facts' recall (continual evaluation)."""
+    """During the first new task: step, that task's recall and the pretraining facts' recall (the run's continual
+    evaluation: train it with ``eval_every``)."""
     end = run.boundaries[1] if len(run.boundaries) > 1 else run.curves.step.max()
     c = run.curves[run.curves.step <= end]
     wide = c.pivot_table(index="step", columns="task", values="accuracy")
@@ -226,8 +228,9 @@ def plot_lm_tradeoff(paths: dict[str, pd.DataFrame], base_recall: float, ax=None
 
 @torch.no_grad()
 def delta_ranks(before: nn.Module, after: nn.Module, targets: Sequence[str], energy: float = 0.9) -> pd.DataFrame:
-    """For every projection named by ``targets``: the number of singular directions that hold ``energy`` of
-    ‖ΔW‖²_F, ΔW = W_after − W_before (weights as [out, in]; 0 for an unchanged weight), and the matrix's full rank."""
+    """For every projection named by ``targets``: ``directions``, the number of singular directions that hold a
+    share ``energy`` of ‖ΔW‖²_F, ΔW = W_after − W_before (weights as [out, in]; 0 for an unchanged weight), and the
+    matrix's ``full rank``."""
     _validate.in_range("energy", energy, 0.0, 1.0, high_open=True)
     rows = []
     for name in target_names(before, targets):
@@ -236,8 +239,7 @@ def delta_ranks(before: nn.Module, after: nn.Module, targets: Sequence[str], ene
         s = torch.linalg.svdvals((w1 - w0).double())  # descending
         share = s.pow(2).cumsum(0) / s.pow(2).sum().clamp_min(1e-300)
         directions = int((share < energy).sum()) + 1 if s.max() > 0 else 0
-        rows.append({"module": name, "directions for 90 %": directions,
-                     "full rank": min(w0.shape)})
+        rows.append({"module": name, "directions": directions, "full rank": min(w0.shape)})
     return pd.DataFrame(rows).set_index("module")
 
 
