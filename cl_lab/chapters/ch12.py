@@ -114,7 +114,7 @@ def kl_estimator_tables(chain: LMChain, policies: dict[str, nn.Module], n_sample
             logits = kl_estimators.next_token_logits(policy, ids, pad, last_only=last)
             estimates = kl_estimators.kl_estimates(logits, reference, n_samples, seed)
             tables[(policy_name, name)] = kl_estimators.estimator_table(estimates)
-    return pd.concat(tables, names=["policy", "contexts", "estimator"])
+    return pd.concat(tables, names=["policy", "contexts", "estimator"]).sort_index()
 
 
 # ------------------------------------------------------------------ plots
@@ -158,10 +158,10 @@ def plot_front(paths: dict[str, pd.DataFrame], target: float, column: str = "rec
 
 def plot_kl_estimators(table: pd.DataFrame):
     """Per (policy, context set): each estimator's bias and one-sample spread, relative to the exact KL."""
-    panels = list(dict.fromkeys(table.index.droplevel(-1)))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], panels):
-        part = table.loc[name]
+    groups = list(table.groupby(level=[0, 1], sort=False))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.2), squeeze=False)
+    for ax, (name, part) in zip(axes[0], groups):
+        part = part.droplevel([0, 1])
         kl = part["exact KL"].iloc[0]
         x = np.arange(len(part))
         ax.bar(x - 0.2, part["bias"] / kl, 0.4, label="bias / KL")
@@ -170,8 +170,8 @@ def plot_kl_estimators(table: pd.DataFrame):
         ax.set_xticks(x, list(part.index))
         ax.set_yscale("symlog", linthresh=0.1)
         ax.set_title(f"{', '.join(name)}: KL = {kl:.3g} nats", fontsize=8)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     return fig
 
 
