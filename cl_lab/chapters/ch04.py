@@ -24,37 +24,41 @@ def class_il_stream(n_train: int | None = None):
 
 
 def final_accuracy(method: Method | None, *, steps: int, hidden: tuple[int, ...], seed: int,
-                   batch_size: int = 64, stream=None) -> train.Run:
+                   batch_size: int = 64, stream=None, device: str | torch.device = "auto") -> train.Run:
     """One run of ``method`` (None: naive) from a fresh MLP seeded with ``seed``, on Class-IL split MNIST unless
-    another ``stream`` is given: Adam, lr 1e-3, ``steps`` steps of ``batch_size`` per task."""
+    another ``stream`` is given: Adam, lr 1e-3, ``steps`` steps of ``batch_size`` per task, on ``device``."""
     stream = stream or class_il_stream()
     torch.manual_seed(seed)
     model = models.MLP(stream.input_dim, hidden, stream.n_out)
-    return train.fit(model, stream, method, steps=steps, batch_size=batch_size, seed=seed, progress=False)
+    return train.fit(model, stream, method, steps=steps, batch_size=batch_size, seed=seed, device=device,
+                     progress=False)
 
 
 def buffer_sweep(sizes: list[int], policies: tuple[str, ...] = POLICIES, seeds: tuple[int, ...] = (0, 1), *,
-                 steps: int = 100, hidden: tuple[int, ...] = (100,), replay_ratio: float = 0.5) -> pd.DataFrame:
+                 steps: int = 100, hidden: tuple[int, ...] = (100,), replay_ratio: float = 0.5,
+                 device: str | torch.device = "auto") -> pd.DataFrame:
     """Class-IL final average accuracy for every (policy, buffer size, seed); one row each."""
     rows = []
     for policy in policies:
         for size in sizes:
             for seed in seeds:
-                run = final_accuracy(ER(size, policy, replay_ratio, seed=seed), steps=steps, hidden=hidden, seed=seed)
+                run = final_accuracy(ER(size, policy, replay_ratio, seed=seed), steps=steps, hidden=hidden, seed=seed,
+                                     device=device)
                 rows.append({"policy": policy, "buffer": size, "seed": seed, "accuracy": run.aa,
                              "seconds": run.seconds})
     return pd.DataFrame(rows)
 
 
 def order_sensitivity(orders: list[tuple[int, ...]], *, buffer_size: int = 200, steps: int = 100,
-                      hidden: tuple[int, ...] = (100,), seed: int = 0) -> pd.DataFrame:
+                      hidden: tuple[int, ...] = (100,), seed: int = 0,
+                      device: str | torch.device = "auto") -> pd.DataFrame:
     """Class-IL final average accuracy of naive training and ER (reservoir) for each task order; one row per
     (order, method). Same seed, same buffer, same steps: only the order in which the digit pairs arrive moves."""
     rows = []
     for order in orders:
         stream = class_il_stream().reordered(order)
         for name, method in (("naive", None), ("ER", ER(buffer_size, "reservoir", 0.5, seed=seed))):
-            run = final_accuracy(method, steps=steps, hidden=hidden, seed=seed, stream=stream)
+            run = final_accuracy(method, steps=steps, hidden=hidden, seed=seed, stream=stream, device=device)
             rows.append({"order": "→".join(str(i) for i in order), "method": name, "accuracy": run.aa})
     return pd.DataFrame(rows)
 
@@ -102,21 +106,22 @@ def reservoir_inclusion(n_items: int, size: int, trials: int, checkpoints: list[
                          for t, row in counts.items() for i, c in enumerate(row)])
 
 
-def step_seconds(method_factory, *, steps: int, hidden: tuple[int, ...], repeats: int = 2) -> float:
+def step_seconds(method_factory, *, steps: int, hidden: tuple[int, ...], repeats: int = 2,
+                 device: str | torch.device = "auto") -> float:
     """Best-of-``repeats`` wall-clock seconds per training step on Class-IL split MNIST."""
     best = float("inf")
     for r in range(repeats):
-        run = final_accuracy(method_factory(), steps=steps, hidden=hidden, seed=r)
+        run = final_accuracy(method_factory(), steps=steps, hidden=hidden, seed=r, device=device)
         best = min(best, run.seconds / (steps * 5))
     return best
 
 
 def playground(policy: str = "herding", buffer_size: int = 100, seed: int = 0, steps: int = 60,
-               hidden: tuple[int, ...] = (100,)) -> dict:
+               hidden: tuple[int, ...] = (100,), device: str | torch.device = "auto") -> dict:
     """One Class-IL run of ER with ``policy`` and ``buffer_size``: the accuracy matrix and the buffer."""
     method = ER(buffer_size, policy, seed=seed)
     start = time.perf_counter()
-    run = final_accuracy(method, steps=steps, hidden=hidden, seed=seed)
+    run = final_accuracy(method, steps=steps, hidden=hidden, seed=seed, device=device)
     return {"policy": policy, "buffer_size": buffer_size, "R": run.R, "accuracy": run.aa,
             "class_counts": method.buffer.class_counts(), "seconds": time.perf_counter() - start}
 
@@ -134,7 +139,8 @@ def plot_playground(result: dict):
     return fig
 
 
-def compare_methods(setups: dict, seeds: tuple[int, ...], *, steps: int, hidden: tuple[int, ...]) -> pd.DataFrame:
+def compare_methods(setups: dict, seeds: tuple[int, ...], *, steps: int, hidden: tuple[int, ...],
+                    device: str | torch.device = "auto") -> pd.DataFrame:
     """Final Class-IL accuracy of each named (method factory, batch size) over seeds, with the training samples
     each step sends through the network (counted by a forward hook over the whole run, so a method's real
     budget is measured, not assumed). Rows: method, seed, accuracy, samples per step, seconds."""
@@ -143,7 +149,7 @@ def compare_methods(setups: dict, seeds: tuple[int, ...], *, steps: int, hidden:
         for seed in seeds:
             counted: list[int] = []
             run = _counting_rows(counted, lambda: final_accuracy(factory(seed), steps=steps, hidden=hidden, seed=seed,
-                                                                 batch_size=batch_size))
+                                                                 batch_size=batch_size, device=device))
             rows.append({"method": name, "seed": seed, "accuracy": run.aa,
                          "samples per step": sum(counted) / (steps * len(run.R)), "seconds": run.seconds})
     return pd.DataFrame(rows)
@@ -178,12 +184,14 @@ def der_setups(buffer_size: int, new: int = 64) -> dict:
 
 
 def replay_step_cost(ratios: tuple[float, ...], *, buffer_size: int = 200, batch_size: int = 64,
-                     hidden: tuple[int, ...] = (100,), repeats: int = 20) -> pd.DataFrame:
+                     hidden: tuple[int, ...] = (100,), repeats: int = 20,
+                     device: str | torch.device = "auto") -> pd.DataFrame:
     """Cost of one ER training step (batch composition, forward, backward, Adam step) at each replay ratio, on
     Class-IL split MNIST with a full buffer. Rows: replay_ratio, new samples and samples through the network per
     step (counted by a forward hook: the quantity load cannot change), and the best seconds over ``repeats``
-    interleaved rounds (``timing.best_times``: load only ever adds time)."""
-    stream, device = class_il_stream(), pick_device("auto", verbose=False)
+    interleaved rounds (``timing.best_times``: load only ever adds time). On a GPU each timed step ends with the
+    loss's ``.item()``, so its kernels have finished when the clock stops."""
+    stream, device = class_il_stream(), pick_device(device, verbose=False)
     torch.manual_seed(0)
     model = models.MLP(stream.input_dim, hidden, stream.n_out).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

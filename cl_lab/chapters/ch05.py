@@ -24,35 +24,35 @@ def permuted_stream(n_tasks: int = 5, n_train: int = 1000, seed: int = 0):
 
 
 def fit_protocol(method: Method | None, stream, *, seed: int, hidden=(100, 100), batch_size: int = 10,
-                 lr: float = 0.1) -> train.Run:
-    """One pass over each task (steps = n_train / batch_size), plain SGD, as in GEM's experiments."""
+                 lr: float = 0.1, device: str | torch.device = "auto") -> train.Run:
+    """One pass over each task (steps = n_train / batch_size), plain SGD, as in GEM's experiments, on ``device``."""
     torch.manual_seed(seed)
     model = models.MLP(stream.input_dim, hidden, stream.n_out)
     steps = len(stream.tasks[0].y_train) // batch_size
     return train.fit(model, stream, method, steps=steps, batch_size=batch_size, lr=lr, optimizer="sgd",
-                     seed=seed, progress=False)
+                     seed=seed, device=device, progress=False)
 
 
 def compare(factories: dict, seeds: tuple[int, ...], *, n_tasks: int = 5, n_train: int = 1000,
-            hidden=(100, 100)) -> pd.DataFrame:
+            hidden=(100, 100), device: str | torch.device = "auto") -> pd.DataFrame:
     """ACC / BWT / FWT and seconds of each named method factory on the scaled GEM protocol."""
     rows = []
     for seed in seeds:
         stream = permuted_stream(n_tasks, n_train, seed)
         for name, factory in factories.items():
-            run = fit_protocol(factory(seed), stream, seed=seed, hidden=hidden)
+            run = fit_protocol(factory(seed), stream, seed=seed, hidden=hidden, device=device)
             rows.append({"method": name, "seed": seed, "ACC": run.aa, "BWT": run.bwt, "FWT": run.fwt,
                          "seconds": run.seconds})
     return pd.DataFrame(rows)
 
 
 def audit(method_cls, *, seed: int = 0, memory_per_task: int = 256, n_tasks: int = 5, n_train: int = 1000,
-          tolerance: float = 1e-3) -> dict:
+          tolerance: float = 1e-3, device: str | torch.device = "auto") -> dict:
     """Train with ``audit=True``; summarise how often projection fired and how many (step, old task) pairs
     ended with ⟨g̃, g_k⟩ < −tolerance·max|⟨g, g_k⟩| (sign violations after projection). The default
     tolerance matches GEM's ridge eps = 1e-3, which lets ⟨g̃, g_k⟩ reach about −eps·v_k."""
     method = method_cls(memory_per_task=memory_per_task, audit=True, seed=seed)
-    run = fit_protocol(method, permuted_stream(n_tasks, n_train, seed), seed=seed)
+    run = fit_protocol(method, permuted_stream(n_tasks, n_train, seed), seed=seed, device=device)
     table = method.audit_table()
     steps = table.groupby("step").fired.first()
     scale = table.dot_before.abs().max()
@@ -85,6 +85,7 @@ def plot_geometry(g: torch.Tensor, G: torch.Tensor, margin: float = 0.0):
 
 
 def _context(model, stream, task_index: int) -> Context:
+    """A loop context on the CPU, where ``step_cost`` times its steps on purpose (see its docstring)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     return Context(model, stream, stream.tasks[task_index], task_index, 0, 0, opt, torch.device("cpu"), 10,
                    torch.Generator().manual_seed(0))
@@ -97,7 +98,8 @@ def step_cost(ks: list[int], *, memory_per_task: int = 256, batch_size: int = 10
     memory, for naive, ER (half of each batch from a reservoir of K·``memory_per_task``), A-GEM (g_ref on a
     batch-size draw), GEM on whole memories (the paper) and GEM on a batch-size draw per task. Rows: K, method,
     seconds, ratio to naive, and the samples the step sends through the network (counted by a forward hook,
-    every forward pass summed: the robust quantity that load cannot change).
+    every forward pass summed: the robust quantity that load cannot change). It times the CPU on purpose, whatever
+    device the chapter trains on: there a step's seconds follow its arithmetic, which is what the ratios compare.
 
     Load elsewhere on the machine only adds time, and a burst of it can outlast one round. With
     ``remeasure_above`` ({method name: ratio to naive at the largest K}), a round whose ratios exceed a bound is
@@ -192,12 +194,13 @@ def plot_step_cost(table: pd.DataFrame):
     return fig
 
 
-def playground(memory_per_task: int = 64, seed: int = 0, n_tasks: int = 3, n_train: int = 300) -> dict:
+def playground(memory_per_task: int = 64, seed: int = 0, n_tasks: int = 3, n_train: int = 300,
+               device: str | torch.device = "auto") -> dict:
     """GEM and A-GEM with ``memory_per_task`` memories on a small permuted-MNIST stream: ACC and BWT."""
     stream = permuted_stream(n_tasks, n_train, seed)
     rows = []
     for method in (GEM(memory_per_task, seed=seed), AGEM(memory_per_task, seed=seed)):
-        run = fit_protocol(method, stream, seed=seed)
+        run = fit_protocol(method, stream, seed=seed, device=device)
         rows.append({"method": method.name, "ACC": run.aa, "BWT": run.bwt, "seconds": run.seconds})
     return {"memory_per_task": memory_per_task, "table": pd.DataFrame(rows)}
 

@@ -147,7 +147,7 @@ def _split_mnist_task_il(n_tasks: int) -> Stream:
 
 
 def prune_ratio_point(prune_ratio: float, n_tasks: int = 5, steps: int = 40, retrain_steps: int = 20,
-                      hidden: Sequence[int] = (100, 100), seed: int = 0) -> dict:
+                      hidden: Sequence[int] = (100, 100), seed: int = 0, device: str | torch.device = "auto") -> dict:
     """One PackNet run on split MNIST (Task-IL): accuracy of each task when learned and at the end, and the
     share of weights each task got to train (free when it started)."""
     _validate.in_range("prune_ratio", prune_ratio, 0.0, 1.0, high_open=True)
@@ -155,7 +155,7 @@ def prune_ratio_point(prune_ratio: float, n_tasks: int = 5, steps: int = 40, ret
     method = PackNet(prune_ratio, retrain_steps=retrain_steps)
     seed_everything(seed)  # the model's initial weights depend on the seed only
     run = train.fit(models.MLP(stream.input_dim, hidden, stream.n_out), stream, method, steps=steps, seed=seed,
-                    progress=False)
+                    device=device, progress=False)
     return {"prune_ratio": prune_ratio, "just_learned": run.R.diagonal().copy(), "final": run.R[-1].copy(),
             "trainable_share": trainable_shares(method, n_tasks), "free_left": method.free_fraction()}
 

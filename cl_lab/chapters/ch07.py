@@ -92,13 +92,13 @@ def _class_il_stream(n_tasks: int) -> Stream:
 
 
 def remedy_point(remedy: str, buffer_size: int, steps: int = 100, hidden: tuple[int, ...] = (100, 100),
-                 replay_ratio: float = 0.5, seed: int = 0) -> dict:
+                 replay_ratio: float = 0.5, seed: int = 0, device: str | torch.device = "auto") -> dict:
     """Train one remedy on split MNIST Class-IL with a reservoir buffer; AA plus the diagnostics."""
     method = make_remedy(remedy, buffer_size, replay_ratio=replay_ratio, seed=seed)
     stream = _class_il_stream(5)
     seed_everything(seed)  # the model's initial weights depend on the seed only
     model = models.MLP(stream.input_dim, hidden, stream.n_out)
-    run = train.fit(model, stream, method, steps=steps, seed=seed, progress=False)
+    run = train.fit(model, stream, method, steps=steps, seed=seed, device=device, progress=False)
     return {"remedy": remedy, "buffer_size": buffer_size, "AA": run.aa, "R": run.R,
             **diagnose(model, stream, method)}
 

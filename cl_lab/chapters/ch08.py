@@ -109,22 +109,23 @@ def _split_class_il() -> Stream:
 
 
 @lru_cache(maxsize=16)
-def _every_step_run(replay_ratio: float, steps: int, buffer_size: int, hidden: tuple[int, ...], seed: int):
+def _every_step_run(replay_ratio: float, steps: int, buffer_size: int, hidden: tuple[int, ...], seed: int,
+                    device: str | torch.device):
     stream = _split_class_il()
     seed_everything(seed)  # the model's initial weights depend on the seed only
     model = models.MLP(stream.input_dim, hidden, stream.n_out)
     method = make_method("er", buffer_size=buffer_size, replay_ratio=replay_ratio, seed=seed)
     return train.fit(model, stream, method, steps=steps, lr=0.1, optimizer="sgd", eval_every=1, seed=seed,
-                     progress=False)
+                     device=device, progress=False)
 
 
 def gap_point(eval_every: int, replay_ratio: float, steps: int = 50, buffer_size: int = 500,
-              hidden: Sequence[int] = (100, 100), seed: int = 0) -> dict:
+              hidden: Sequence[int] = (100, 100), seed: int = 0, device: str | torch.device = "auto") -> dict:
     """ER on split MNIST (Class-IL, SGD lr 0.1) evaluated every ``eval_every`` steps: what that schedule
     sees (its curve, Min-ACC, WC-ACC) against every-step evaluation. One training run per replay ratio."""
     _validate.positive_int("eval_every", eval_every)
     _validate.in_range("replay_ratio", replay_ratio, 0.0, 1.0)
-    run = _every_step_run(float(replay_ratio), steps, buffer_size, tuple(hidden), seed)
+    run = _every_step_run(float(replay_ratio), steps, buffer_size, tuple(hidden), seed, device)
     return {"eval_every": eval_every, "replay_ratio": replay_ratio, "run": run,
             "curves": subsample_curves(run.curves, eval_every), "seen": summary(run, eval_every),
             "truth": summary(run, 1)}
@@ -173,7 +174,9 @@ def evaluation_overhead(stream: Stream, hidden: Sequence[int] = (100, 100), batc
 
     The two are timed interleaved, ``repeats`` rounds, and each keeps its fastest time
     (``cl_lab.timing.best_times``): load from other processes only adds time, and both sides see the same
-    bursts of it. The batch and each task's evaluation set are seeded random draws.
+    bursts of it. The batch and each task's evaluation set are seeded random draws. Both run on the CPU on purpose,
+    whatever device the chapter trains on: there their seconds follow their arithmetic (about three forward passes
+    per training sample), which is what the ratio is compared with.
     """
     _validate.positive_int("repeats", repeats)
     model = models.MLP(stream.input_dim, hidden, stream.n_out)

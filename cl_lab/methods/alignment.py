@@ -96,7 +96,7 @@ def full_fisher(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return functional_call(model, params, (xb[None],))[0]
 
     flat = torch.cat([theta[n].reshape(-1) for n in names])
-    total = torch.zeros(len(flat), len(flat), dtype=flat.dtype)
+    total = torch.zeros(len(flat), len(flat), dtype=flat.dtype, device=flat.device)
     for xb in x:
         jac = torch.autograd.functional.jacobian(lambda f, xb=xb: logits_of(f, xb), flat)  # [C, P]
         p = logits_of(flat, xb).softmax(0).detach()  # [C]
