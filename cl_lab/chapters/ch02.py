@@ -2,6 +2,10 @@
 
 Every function here is pure given its arguments (results are memoised in-process by their full
 configuration), so the notebook's widgets can call them and tests can check them headlessly.
+
+They run on the CPU on purpose, whatever ``DEVICE`` the notebook picks: small two-task runs of a 100 × 100 MLP
+(seconds each), whose models and Fishers the notebook then reads with CPU tensors, scipy and NumPy, and whose
+numbers the chapter's claims were measured on. The chapter's five-task runs take the notebook's device.
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ def never_emitted(lab: lm.Lab, stream: Stream, relation_task: int = 2) -> dict:
     new = sorted(set(task.y_test.tolist()))
     old = sorted(set(stream.eval_tasks[0].y_test.tolist()))
     rows = lab.model.get_output_embeddings().weight  # [V, d]
-    probs = lab.as_classifier()(task.x_test).softmax(-1)  # [N, V]
+    probs = lab.as_classifier()(task.x_test.to(rows.device)).softmax(-1)  # [N, V]
     return {"new objects' row norm": rows[new].norm(dim=1).mean().item(),
             "pretrained objects' row norm": rows[old].norm(dim=1).mean().item(),
             "base LM's probability on the new objects": probs[:, new].sum(1).mean().item()}
@@ -230,12 +230,13 @@ def plot_lm_tradeoff(paths: dict[str, pd.DataFrame], base_recall: float, ax=None
 def delta_ranks(before: nn.Module, after: nn.Module, targets: Sequence[str], energy: float = 0.9) -> pd.DataFrame:
     """For every projection named by ``targets``: ``directions``, the number of singular directions that hold a
     share ``energy`` of ‖ΔW‖²_F, ΔW = W_after − W_before (weights as [out, in]; 0 for an unchanged weight), and the
-    matrix's ``full rank``."""
+    matrix's ``full rank``. On the CPU in float64 (the two models may live on different devices; MPS has no
+    float64)."""
     _validate.in_range("energy", energy, 0.0, 1.0, high_open=True)
     rows = []
     for name in target_names(before, targets):
-        w0 = lm.weight_out_in(before.get_submodule(name))
-        w1 = lm.weight_out_in(after.get_submodule(name))
+        w0 = lm.weight_out_in(before.get_submodule(name)).cpu()
+        w1 = lm.weight_out_in(after.get_submodule(name)).cpu()
         s = torch.linalg.svdvals((w1 - w0).double())  # descending
         share = s.pow(2).cumsum(0) / s.pow(2).sum().clamp_min(1e-300)
         directions = int((share < energy).sum()) + 1 if s.max() > 0 else 0
@@ -278,7 +279,7 @@ def lm_cost_table(lab: lm.Lab, stream: Stream, ranks: Sequence[int] = (1, 4, 8, 
 # ---------------------------------------------------------------- playground (LM)
 
 def lm_point(rank: int, alpha: float, replay_share: float, steps: int = 30, lr: float = 1e-3, seed: int = 0,
-             n_pretrained: int = 300, max_facts: int = 400) -> dict:
+             n_pretrained: int = 300, max_facts: int = 400, device: str | torch.device = "cpu") -> dict:
     """The playground: one shared LoRA (rank, α) on the first new task (new people), with replay of
     pretraining text at ``replay_share`` of the supervised tokens; what it learned and what the LM kept."""
     _validate.positive_int("rank", rank)
@@ -288,7 +289,7 @@ def lm_point(rank: int, alpha: float, replay_share: float, steps: int = 30, lr: 
     stream = first_new_task(lm_stream(lab, n_pretrained=n_pretrained, seed=seed))
     replay = TextReplay(lab, replay_share, seed=seed) if replay_share > 0 else None
     result = run_setup(lab, stream, "shared LoRA", rank=rank, alpha=alpha, steps=steps, lr=lr, seed=seed,
-                       extra=[replay] if replay else [], max_facts=max_facts)
+                       extra=[replay] if replay else [], max_facts=max_facts, device=device)
     return {"rank": rank, "alpha": alpha, "replay share": replay_share, "new people": float(result.run.R[0, 1]),
             "pretraining recall": result.end["recall"], "perplexity": result.end["perplexity"],
             "replayed share": replay.share if replay else 0.0, "adapter parameters": result.trainable,

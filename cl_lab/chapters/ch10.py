@@ -200,7 +200,7 @@ def matched_noise(tau: State, seed: int) -> State:
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for k, v in tau.items():
-        noise = torch.randn(v.shape, generator=gen, dtype=v.dtype)
+        noise = torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device)  # drawn on the CPU, as seeded
         out[k] = noise * (v.norm() / noise.norm().clamp(min=1e-12))
     return out
 
