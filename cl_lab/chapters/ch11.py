@@ -1,411 +1,371 @@
-"""Chapter 11 helpers (editing one fact): a synthetic fact task, a small network whose middle layer is a
-key–value memory, ROME's value optimisation, the three axes of edit quality, the one-edit comparison with
-fine-tuning (plain, one layer, EWC), sequential and batch edits, and the playground's cached callback.
+"""Chapter 11 helpers: where the tiny LM keeps its facts (causal tracing), ROME at the traced layer against
+fine-tuning, ROME at every layer, many edits (MEMIT, sequential ROME, sequential fine-tuning), the playground's
+cached callback, and one real fact edited in SmolLM2-135M.
 
-The network reads a subject embedding x [d] as its "residual stream" z = x, computes a key
-k = relu(A z + a) [d_k], writes the value W k [d] back into the stream, h = z + W k, and reads the object
-off h with a linear layer: logits = U h + b [n_objects]. W (``model.memory.weight``) is the matrix ROME edits.
+Every experiment leaves the lab's model as it found it (edits are applied to copies or restored).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import lru_cache, wraps
+import copy
+import time
+from functools import lru_cache
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from cl_lab import _validate
-from cl_lab.device import seed_everything
-from cl_lab.methods.editing import batch_update, finetune_on_fact, key_covariance, rome_update
-from cl_lab.methods.regularization import EWC
+from cl_lab import _validate, lm
+from cl_lab.lm import rome, tracing
+from cl_lab.lm.evaluate import hits
+from cl_lab.lm.rome import Edit
 
-
-@contextmanager
-def _one_cpu_thread() -> Iterator[None]:
-    """Run with one intra-op thread: the chapter's matrices are tiny (≤ 2,400 × 256), where a second thread saves
-    nothing and, on a busy 2-core machine, makes every op wait for a core (measured: 7 ms vs 45 ms per step)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+TRACE_WINDOWS = {"hidden": 1, "mlp": 1, "attn": 1}  # site → layers restored together (4 layers: one at a time)
+SITE_TITLES = {"hidden": "hidden state", "mlp": "MLP output", "attn": "attention output"}
+SINGLE_METHODS = ("ROME, last subject token", "ROME, last token", "FT", "FT-L")
+MANY_METHODS = ("MEMIT (one batch)", "sequential ROME", "sequential FT")
+AXES = ("efficacy", "paraphrase", "neighbourhood")
 
 
-def _single_threaded(fn: Callable) -> Callable:
-    @wraps(fn)
-    def run(*args, **kwargs):
-        with _one_cpu_thread():
-            return fn(*args, **kwargs)
-    return run
+# ---------------------------------------------------------------- 1 · causal tracing
+
+def known_facts(lab: lm.Lab, n: int = 50, seed: int = 0) -> list[lm.Fact]:
+    """A seeded random draw of ``n`` trained renderings whose object the model gives (ROME traces known facts)."""
+    _validate.positive_int("n", n)
+    facts = lab.world.train_facts
+    known = [f for f, ok in zip(facts, hits(lab.model, lab.tokenizer, facts).tolist()) if ok]
+    if n > len(known):
+        raise ValueError(f"n must be at most the {len(known)} facts the model knows, got {n}")
+    order = torch.randperm(len(known), generator=torch.Generator().manual_seed(seed))[:n]
+    return [known[i] for i in sorted(order.tolist())]
 
 
-@dataclass
-class FactTask:
-    """S facts "subject s → object y_s". Each subject is a random embedding; its training copies and its
-    held-out paraphrases are the embedding plus Gaussian noise (the first training copy is the clean one)."""
-
-    subjects: torch.Tensor  # [S, d] the clean subject embeddings
-    objects: torch.Tensor  # [S] the stored object of each subject
-    x_train: torch.Tensor  # [S, P, d] training copies
-    x_para: torch.Tensor  # [S, Q, d] held-out paraphrases, never trained on
-    n_objects: int
-
-    @property
-    def n_subjects(self) -> int:
-        return len(self.subjects)
-
-    @property
-    def dim(self) -> int:
-        return self.subjects.shape[1]
-
-    def to(self, device: torch.device | str) -> FactTask:
-        return FactTask(self.subjects.to(device), self.objects.to(device), self.x_train.to(device),
-                        self.x_para.to(device), self.n_objects)
+def trace_facts(lab: lm.Lab, facts: list[lm.Fact], *, samples: int = 5, seed: int = 0,
+                windows: dict[str, int] | None = None) -> dict[str, tracing.Trace]:
+    """Causal traces of ``facts`` for each site (hidden, MLP, attention), noise 3σ of the subjects' embeddings."""
+    sigma = tracing.embedding_std(lab.model, lab.tokenizer, lab.world.subjects)
+    args = ([f.prompt for f in facts], [f.subject for f in facts], [f.object for f in facts])
+    return {site: tracing.trace(lab.model, lab.tokenizer, *args, noise=3 * sigma, site=site, window=window,
+                                samples=samples, seed=seed)
+            for site, window in (windows or TRACE_WINDOWS).items()}
 
 
-def make_facts(n_subjects: int = 400, n_objects: int = 10, dim: int = 64, n_train: int = 6, n_para: int = 4,
-               noise: float = 0.3, seed: int = 0) -> FactTask:
-    """A random fact table: subjects ~ N(0, I_dim), objects uniform over ``n_objects``, noisy copies."""
-    for name, value in (("n_subjects", n_subjects), ("dim", dim), ("n_train", n_train), ("n_para", n_para)):
-        _validate.positive_int(name, value)
-    if isinstance(n_objects, bool) or not isinstance(n_objects, int) or n_objects < 2:
-        raise ValueError(f"n_objects must be an int ≥ 2, got {n_objects!r}")
-    _validate.non_negative("noise", noise)
-    gen = torch.Generator().manual_seed(seed)
-    subjects = torch.randn(n_subjects, dim, generator=gen)
-    objects = torch.randint(n_objects, (n_subjects,), generator=gen)
-    x_train = subjects[:, None] + noise * torch.randn(n_subjects, n_train, dim, generator=gen)
-    x_train[:, 0] = subjects
-    x_para = subjects[:, None] + noise * torch.randn(n_subjects, n_para, dim, generator=gen)
-    return FactTask(subjects, objects, x_train, x_para, n_objects)
+def plot_traces(traces: dict[str, tracing.Trace], title: str = ""):
+    """The average indirect effect per token category and layer, one heat map per site (the paper's fig. 2)."""
+    fig, axes = plt.subplots(1, len(traces), figsize=(4.2 * len(traces), 3.0), sharey=True)
+    top = max(float(np.nanmax(t.by_category().values)) for t in traces.values())
+    for ax, (site, trace) in zip(np.atleast_1d(axes), traces.items()):
+        table = trace.by_category()
+        image = ax.imshow(table.values, cmap={"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}[site],
+                          vmin=0, vmax=top, aspect="auto")
+        ax.set_xticks(range(len(table.columns)), table.columns)
+        ax.set_yticks(range(len(table.index)), table.index)
+        ax.set_xlabel("layer" + (f" (window {trace.window})" if trace.window > 1 else ""))
+        ax.set_title(f"restore {SITE_TITLES[site]}", fontsize=9)
+        for (i, j), value in np.ndenumerate(table.values):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if value > 0.6 * top else "black")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    p = next(iter(traces.values()))
+    fig.suptitle(title or f"average indirect effect on P(true object), {len(p.tokens)} facts "
+                          f"(clean {p.p_clean.mean():.2f}, corrupted {p.p_corrupt.mean():.2f})", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
-class FactNet(nn.Module):
-    """z = x, k = relu(A z + a), h = z + W k, logits = U h + b: one MLP block on a residual stream."""
-
-    def __init__(self, dim: int, key_dim: int, n_objects: int) -> None:
-        super().__init__()
-        for name, value in (("dim", dim), ("key_dim", key_dim), ("n_objects", n_objects)):
-            _validate.positive_int(name, value)
-        self.mlp_in = nn.Linear(dim, key_dim)  # A, a
-        self.memory = nn.Linear(key_dim, dim, bias=False)  # W [dim, key_dim]: the key–value memory
-        self.readout = nn.Linear(dim, n_objects)  # U, b
-
-    def keys(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., key_dim]
-        return torch.relu(self.mlp_in(x))
-
-    def logits_from_value(self, x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Logits when the memory writes ``value`` [..., dim] instead of W k (ROME's v* is optimised so)."""
-        return self.readout(x + value)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., n_objects]
-        return self.logits_from_value(x, self.memory(self.keys(x)))
+def fact_site(traces: dict[str, tracing.Trace]) -> tuple[str, int]:
+    """Where restoring the MLP output helps most on average: (token category, layer). ROME edits the MLP of
+    that layer (the paper finds the last subject token in GPT-2 XL's middle layers)."""
+    table = traces["mlp"].by_category()
+    category, layer = table.stack().idxmax()
+    return str(category), int(layer)
 
 
-@_single_threaded
-def train_facts(task: FactTask, key_dim: int = 256, steps: int = 150, lr: float = 1e-2, seed: int = 0,
-                device: torch.device | str = "cpu") -> FactNet:
-    """Store every fact: full-batch Adam on all training copies."""
-    _validate.positive_int("steps", steps)
-    seed_everything(seed)
-    model = FactNet(task.dim, key_dim, task.n_objects).to(device)
-    x = task.x_train.to(device).reshape(-1, task.dim)  # [S·P, d]
-    y = task.objects.to(device).repeat_interleave(task.x_train.shape[1])  # [S·P]
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return model.eval()
+def covariances(lab: lm.Lab, n_texts: int = 1000, seed: int = 0, ridge: float = 1e-3) -> dict[int, torch.Tensor]:
+    """C_l for every layer from a seeded random draw of ``n_texts`` pretraining texts (about 9 tokens each)."""
+    texts = lab.world.pretraining_texts()
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))[:n_texts]
+    return rome.layer_covariances(lab.model, lab.tokenizer, [texts[i] for i in order.tolist()], ridge=ridge)
 
 
-@lru_cache(maxsize=8)
-def trained_setup(seed: int = 0, n_subjects: int = 400, key_dim: int = 256, steps: int = 150,
-                  device: str = "cpu") -> tuple[FactTask, dict[str, torch.Tensor]]:
-    """The fact task and the trained network's weights for one configuration, computed once per process."""
-    task = make_facts(n_subjects, seed=seed)
-    model = train_facts(task, key_dim=key_dim, steps=steps, seed=seed, device=device)
-    return task.to(device), {n: p.detach().clone() for n, p in model.state_dict().items()}
+# ---------------------------------------------------------------- 2 · one edit at a time
+
+def _harmonic(row: pd.Series) -> float:
+    values = [row[a] for a in AXES]
+    return float(len(values) / sum(1 / max(v, 1e-9) for v in values))
 
 
-def load_model(task: FactTask, state: dict[str, torch.Tensor]) -> FactNet:
-    key_dim = state["mlp_in.weight"].shape[0]
-    model = FactNet(task.dim, key_dim, task.n_objects).to(state["mlp_in.weight"].device)
-    model.load_state_dict(state)
-    return model.eval()
+def ftl_bound(lab: lm.Lab, layer: int, share: float = 0.1) -> float:
+    """FT-L's ε: ``share`` of the typical size (standard deviation) of the layer's projection weights."""
+    return share * lm.weight_out_in(lm.layout(lab.model).mlp_out(layer)).std().item()
 
 
-# ---------------------------------------------------------------- keys, values, and the three axes
-
-def _same_length(ids: torch.Tensor, new_objects: torch.Tensor, ids_name: str = "subject_ids") -> None:
-    if ids.ndim != 1 or new_objects.ndim != 1 or len(ids) != len(new_objects):
-        raise ValueError(f"{ids_name} [N] and new_objects [N] must be 1-D with the same N, got shapes "
-                         f"{tuple(ids.shape)} and {tuple(new_objects.shape)}")
-
-
-@torch.no_grad()
-def all_keys(model: FactNet, task: FactTask) -> torch.Tensor:
-    """Keys of every training copy of every subject: [S·P, d_k] (what C is estimated from)."""
-    return model.keys(task.x_train.reshape(-1, task.dim))
-
-
-@torch.no_grad()
-def subject_keys(model: FactNet, task: FactTask, subject_ids: torch.Tensor) -> torch.Tensor:
-    """k* of each subject: its key averaged over its training copies (ROME averages over prefixes, eq. 3):
-    [N, d_k]."""
-    return model.keys(task.x_train[subject_ids]).mean(1)
-
-
-@_single_threaded
-def value_targets(model: FactNet, task: FactTask, subject_ids: torch.Tensor, new_objects: torch.Tensor,
-                  steps: int = 100, lr: float = 0.1, decay: float = 1e-3) -> torch.Tensor:
-    """v* for each edit (ROME eq. 4 without the KL term): the value that, written by the memory for every
-    training copy of the subject, makes the readout say the new object. One batched Adam run from W k*,
-    minimising mean cross-entropy + ``decay`` · ‖v − W k*‖². Returns [N, d]."""
-    _validate.positive_int("steps", steps)
-    _same_length(subject_ids, new_objects)
-    x = task.x_train[subject_ids]  # [N, P, d]
-    with torch.no_grad():
-        start = model.memory(subject_keys(model, task, subject_ids))  # W k* [N, d]
-    value = start.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([value], lr=lr)
-    target = new_objects[:, None].expand(-1, x.shape[1])  # [N, P]
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        logits = model.logits_from_value(x, value[:, None, :])  # [N, P, C]
-        loss = F.cross_entropy(logits.reshape(-1, task.n_objects), target.reshape(-1), reduction="sum") / x.shape[1]
-        (loss + decay * (value - start).pow(2).sum()).backward()
-        optimizer.step()
-    return value.detach()
-
-
-def new_objects_for(task: FactTask, subject_ids: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """A new object for each subject, always different from its stored one."""
-    gen = torch.Generator().manual_seed(seed + 12345)
-    shift = torch.randint(1, task.n_objects, (len(subject_ids),), generator=gen).to(task.objects.device)
-    return (task.objects[subject_ids] + shift) % task.n_objects
-
-
-@torch.no_grad()
-def predictions(model: FactNet, task: FactTask) -> dict[str, torch.Tensor]:
-    """The predicted object for every clean subject [S] and every held-out paraphrase [S, Q]."""
-    return {"subject": model(task.subjects).argmax(-1), "paraphrase": model(task.x_para).argmax(-1)}
-
-
-def three_axes(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor], edited: torch.Tensor,
-               new_objects: torch.Tensor) -> dict[str, float]:
-    """Reliability: edited subjects now give the new object. Generalisation: so do their held-out
-    paraphrases. Locality: every other subject and paraphrase gives the same answer as before the edits."""
-    _same_length(edited, new_objects, "edited")
-    others = torch.ones(len(before["subject"]), dtype=torch.bool, device=edited.device)
-    others[edited] = False
-
-    def same(key: str) -> torch.Tensor:
-        return (after[key][others] == before[key][others]).float()
-
-    return {"reliability": (after["subject"][edited] == new_objects).float().mean().item(),
-            "generalisation": (after["paraphrase"][edited] == new_objects[:, None]).float().mean().item(),
-            "locality": torch.cat([same("subject").reshape(-1), same("paraphrase").reshape(-1)]).mean().item()}
-
-
-def recall(model: FactNet, task: FactTask) -> dict[str, float]:
-    """How well the network stores the fact table: accuracy on clean subjects and on held-out paraphrases."""
-    pred = predictions(model, task)
-    return {"subjects": (pred["subject"] == task.objects).float().mean().item(),
-            "paraphrases": (pred["paraphrase"] == task.objects[:, None]).float().mean().item()}
-
-
-# ---------------------------------------------------------------- one edit: ROME against fine-tuning
-
-def _edited_copy(task: FactTask, state: dict, delta: torch.Tensor | None = None) -> FactNet:
-    model = load_model(task, state)
-    if delta is not None:
-        with torch.no_grad():
-            model.memory.weight += delta
-    return model
-
-
-@_single_threaded
-def consolidated_ewc(model: FactNet, task: FactTask, lam: float) -> EWC:
-    """EWC with its exact Fisher and anchor computed on every training copy of every stored fact."""
-    ewc = EWC(lam=lam)
-    ewc.consolidate(model, task.x_train.reshape(-1, task.dim), task.objects.repeat_interleave(task.x_train.shape[1]))
-    return ewc
-
-
-@_single_threaded
-def one_edit_comparison(task: FactTask, state: dict, subject_ids: torch.Tensor, *, ridge: float = 1e-3,
-                        ft_steps: int = 100, ft_lr: float = 1e-3, ewc: EWC | None = None) -> pd.DataFrame:
-    """Each subject in ``subject_ids`` edited on its own, from the same trained network, by ROME (C from all
-    training keys), by a rank-one update with C = I, and by fine-tuning on its training copies: every weight,
-    the memory W only, every weight with the penalty of ``ewc`` (default: ``consolidated_ewc`` at λ = 10⁵).
-    Means over the edits of the three axes, and of the share of W's entries and of all weights the edit changed."""
-    base = load_model(task, state)
-    before = predictions(base, task)
-    C = key_covariance(all_keys(base, task), ridge)
-    identity = torch.eye(len(C), dtype=C.dtype, device=C.device)
-    new = new_objects_for(task, subject_ids)
-    k_star = subject_keys(base, task, subject_ids)
-    v_star = value_targets(base, task, subject_ids, new)
-    ewc = consolidated_ewc(base, task, 1e5) if ewc is None else ewc
-    W = base.memory.weight.detach()
+def single_edits(lab: lm.Lab, edits: list[Edit], covs: dict[int, torch.Tensor], layer: int, *,
+                 ppl_texts: list[str], ft_lr: float = 5e-4, ftl_share: float = 0.1,
+                 rome_edits: dict[str, list] | None = None) -> pd.DataFrame:
+    """Each edit on its own, from the same model, by the four ``SINGLE_METHODS`` at ``layer``: mean efficacy,
+    paraphrase and neighbourhood scores, their harmonic mean ``score`` (CounterFact's), and the mean
+    perplexity of ``ppl_texts`` after each edit. ``rome_edits`` ({'subject_last'|'last': [RomeEdit]}) reuses
+    edits already computed (e.g. by ``layer_sweep``)."""
+    model, tok = lab.model, lab.tokenizer
+    eps = ftl_bound(lab, layer, ftl_share)
+    rome_edits = rome_edits or {}
     rows = []
-    for i, s in enumerate(subject_ids.tolist()):
-        one = subject_ids[i:i + 1]
-        x, y = task.x_train[s], new[i].expand(task.x_train.shape[1])
-        # each entry builds this edit's model when called (right below), so the loop variables are current
-        edits = {"ROME (C from keys)": lambda: _edited_copy(task, state, rome_update(W, C, k_star[i], v_star[i])),
-                 "rank-one, C = I": lambda: _edited_copy(task, state, rome_update(W, identity, k_star[i], v_star[i])),
-                 "fine-tune all weights": lambda: finetune_on_fact(_edited_copy(task, state), x, y, steps=ft_steps,
-                                                                   lr=ft_lr),
-                 "fine-tune W only": lambda: _finetune_memory(task, state, x, y, ft_steps, ft_lr),
-                 f"fine-tune + EWC λ={ewc.lam:g}": lambda: finetune_on_fact(
-                     _edited_copy(task, state), x, y, steps=ft_steps, lr=ft_lr, penalty=ewc.penalty)}
-        for name, make in edits.items():
-            model = make()
-            changed = [(p.detach() != state[n]) for n, p in model.named_parameters()]
-            rows.append({"method": name, **three_axes(predictions(model, task), before, one, new[i:i + 1]),
-                         "W entries changed": (model.memory.weight.detach() != W).float().mean().item(),
-                         "all weights changed": float(sum(c.sum() for c in changed) / sum(c.numel() for c in changed))})
-    return pd.DataFrame(rows).groupby("method", sort=False).mean()
+    for method in SINGLE_METHODS:
+        if method.startswith("ROME"):
+            token = "subject_last" if "subject" in method else "last"
+            changes = rome_edits.get(token) or rome.rome_edits(model, tok, edits, layer, covs[layer], token=token)
+        for i, edit in enumerate(edits):
+            with rome.restored(model, [layer]):
+                if method.startswith("ROME"):
+                    rome.add_to_layer(model, layer, changes[i].delta)
+                else:
+                    rome.finetune(model, tok, [edit], layer, lr=eps if method == "FT-L" else ft_lr,
+                                  linf=eps if method == "FT-L" else None)
+                scores = rome.edit_scores(model, tok, [edit]).iloc[0]
+                rows.append({"method": method, **scores[list(AXES)].to_dict(),
+                             "perplexity": lm.perplexity(model, tok, ppl_texts)})
+    table = pd.DataFrame(rows).groupby("method", sort=False).mean()
+    table["score"] = table.apply(_harmonic, axis=1)
+    return table
 
 
-def _finetune_memory(task: FactTask, state: dict, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> FactNet:
-    model = _edited_copy(task, state)
-    return finetune_on_fact(model, x, y, params=[model.memory.weight], steps=steps, lr=lr)
+def layer_sweep(lab: lm.Lab, edits: list[Edit], covs: dict[int, torch.Tensor],
+                tokens: tuple[str, ...] = rome.TOKENS) -> tuple[pd.DataFrame, dict]:
+    """ROME at every layer and at each edited token: mean scores over ``edits`` (each on its own) and CounterFact's
+    harmonic-mean score. Returns the table (rows (token, layer)) and the edits ({(token, layer): [RomeEdit]})."""
+    model, tok = lab.model, lab.tokenizer
+    rows, computed = [], {}
+    for token in tokens:
+        for layer in sorted(covs):
+            changes = rome.rome_edits(model, tok, edits, layer, covs[layer], token=token)
+            computed[(token, layer)] = changes
+            scores = []
+            for edit, change in zip(edits, changes):
+                with rome.updated(model, {layer: change.delta}):
+                    scores.append(rome.edit_scores(model, tok, [edit]).iloc[0])
+            rows.append({"token": token, "layer": layer, **pd.DataFrame(scores)[list(AXES)].mean().to_dict()})
+    table = pd.DataFrame(rows).set_index(["token", "layer"])
+    table["score"] = table.apply(_harmonic, axis=1)
+    return table, computed
 
 
-# ---------------------------------------------------------------- many edits: sequential and batch
+def plot_layer_sweep(sweep: pd.DataFrame, traces: dict[str, tracing.Trace]):
+    """Left: the MLP's indirect effect per layer at the two tokens; right: ROME's score per layer at each token."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+    table = traces["mlp"].by_category()
+    names = {"subject_last": "last subject token", "last": "last token"}
+    for token, category in names.items():
+        left.plot(table.columns, table.loc[category], "o-", label=category)
+        if token in sweep.index.get_level_values(0):
+            right.plot(sweep.loc[token].index, sweep.loc[token, "score"], "o-", label=f"ROME at the {category}")
+    left.set(xlabel="layer", ylabel="average indirect effect", title="trace: MLP output restored")
+    right.set(xlabel="edited layer", ylabel="score (harmonic mean of ES, PS, NS)", title="edit: ROME at each layer",
+              ylim=(0, 1.02))
+    for ax in (left, right):
+        ax.set_xticks(list(table.columns))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
-SEQUENTIAL_METHODS = ("sequential ROME", "sequential ROME, C += edited keys", "batch (exact)", "batch (MEMIT)")
+
+# ---------------------------------------------------------------- 3 · many edits
+
+def _measure(model, tok, world, edits, n, others) -> dict:
+    scores = rome.edit_scores(model, tok, edits[:n])[list(AXES)].mean()
+    return {"edits": n, **scores.to_dict(), "other facts": lm.recall(model, tok, others),
+            "perplexity": lm.perplexity(model, tok, world.general_test)}
 
 
-@_single_threaded
-def edit_sequence(task: FactTask, state: dict, n_edits: int, checkpoints: tuple[int, ...] | None = None, *,
-                  ridge: float = 1e-3, edit_key_weight: float = 0.1, memit_weight: float = 1.0,
-                  value_decay: float = 1e-3, seed: int = 0) -> pd.DataFrame:
-    """``n_edits`` subjects (a random choice) each get a new object. Four ways to write them:
+def many_edits(lab: lm.Lab, edits: list[Edit], covs: dict[int, torch.Tensor], *, rome_layer: int,
+               memit_layers: tuple[int, ...], lam: float = 500.0, checkpoints: tuple[int, ...] = (1, 2, 5, 10, 20,
+                                                                                                   50, 100),
+               ft_lr: float = 5e-4, token: str = "last") -> pd.DataFrame:
+    """The same ``edits`` written three ways (``MANY_METHODS``), measured after the first n for each checkpoint n:
 
-    - sequential ROME: one rank-one edit after another, C fixed (estimated once on the training keys);
-    - sequential ROME, C += edited keys: after each edit its key joins C with weight ``edit_key_weight``
-      (a share of all the training keys' weight), so later edits try to keep it;
-    - batch (exact): all edits in one solve with every constraint exact (N ≤ d_k);
-    - batch (MEMIT): MEMIT's soft least squares at this layer, the preserved keys weighted ``memit_weight``.
+    - MEMIT: the first n edits in one batch over ``memit_layers`` (λ = ``lam``; targets z computed once);
+    - sequential ROME at ``rome_layer``: one edit after another, each computed on the model edited so far;
+    - sequential FT at ``rome_layer``: fine-tuning on one edit after another.
 
-    The values v* come from ``value_targets`` with ``decay=value_decay``. At each checkpoint n the three axes
-    are measured on the first n edits. One row per (method, n)."""
-    _validate.positive_int("n_edits", n_edits)
-    _validate.non_negative("edit_key_weight", edit_key_weight)
-    _validate.positive("memit_weight", memit_weight)
-    _validate.non_negative("value_decay", value_decay)
-    if n_edits > task.n_subjects // 2:
-        raise ValueError(f"n_edits must leave at least half the subjects unedited (≤ {task.n_subjects // 2}), "
-                         f"got {n_edits}")
-    checkpoints = tuple(sorted({c for c in (checkpoints or (n_edits,)) if 1 <= c <= n_edits} | {n_edits}))
-    base, before, edited, new, keys, values, C0 = _edit_problem(task, state, n_edits, ridge, seed, value_decay)
-    W0 = base.memory.weight.detach().clone()
-    rows = []
-
-    def measure(method: str, n: int, W: torch.Tensor) -> None:
-        with torch.no_grad():
-            base.memory.weight.copy_(W)
-        rows.append({"method": method, "edits": n, **three_axes(predictions(base, task), before, edited[:n], new[:n]),
-                     "‖ΔW‖ / ‖W‖": ((W - W0).norm() / W0.norm()).item()})
-
-    for method in SEQUENTIAL_METHODS[:2]:
-        W, C = W0.clone(), C0.clone()
-        for i in range(n_edits):
-            W = W + rome_update(W, C, keys[i], values[i])
-            if method != SEQUENTIAL_METHODS[0]:
-                C = C + edit_key_weight * torch.outer(keys[i], keys[i]).to(C.dtype)
-            if i + 1 in checkpoints:
-                measure(method, i + 1, W)
+    Columns: efficacy / paraphrase / neighbourhood of the n edits so far, recall of every fact of the subjects
+    that were never edited ("other facts"), and perplexity of the held-out general text. ROME and MEMIT use
+    the same value bound (ROME's clamp 4), so that they differ only in how the edits are written.
+    """
+    n_total = len(edits)
+    checkpoints = tuple(sorted({c for c in checkpoints if 1 <= c <= n_total} | {n_total}))
+    tok, world = lab.tokenizer, lab.world
+    others = [f for f in world.train_facts if f.subject not in {e.subject for e in edits}]
+    rows = [{"method": "before", **_measure(lab.model, tok, world, edits, n_total, others), "edits": 0}]
+    z = rome.memit_targets(lab.model, tok, edits, memit_layers[-1], token=token, clamp=4.0)
     for n in checkpoints:
-        if n <= len(C0):
-            measure("batch (exact)", n, W0 + batch_update(W0, C0, keys[:n], values[:n], mode="exact"))
-        measure("batch (MEMIT)", n, W0 + batch_update(W0, memit_weight * C0, keys[:n], values[:n], mode="memit"))
-    with torch.no_grad():
-        base.memory.weight.copy_(W0)
+        model = copy.deepcopy(lab.model)
+        rome.memit(model, tok, edits[:n], memit_layers, covs, lam=lam, token=token, z=z[:n])
+        rows.append({"method": MANY_METHODS[0], **_measure(model, tok, world, edits, n, others)})
+    for method in MANY_METHODS[1:]:
+        model = copy.deepcopy(lab.model)
+        for i, edit in enumerate(edits):
+            if method == "sequential ROME":
+                (change,) = rome.rome_edits(model, tok, [edit], rome_layer, covs[rome_layer], token=token)
+                rome.add_to_layer(model, rome_layer, change.delta)
+            else:
+                rome.finetune(model, tok, [edit], rome_layer, lr=ft_lr)
+            if i + 1 in checkpoints:
+                rows.append({"method": method, **_measure(model, tok, world, edits, i + 1, others)})
     return pd.DataFrame(rows)
 
 
-def _edit_problem(task: FactTask, state: dict, n_edits: int, ridge: float, seed: int,
-                  value_decay: float = 1e-3) -> tuple:
-    """The trained network, its predictions, ``n_edits`` random subjects with new objects, their keys k* and
-    values v* (all computed on the unedited network), and the key covariance C."""
-    base = load_model(task, state)
-    gen = torch.Generator().manual_seed(seed + 777)
-    edited = torch.randperm(task.n_subjects, generator=gen)[:n_edits].to(task.objects.device)
-    new = new_objects_for(task, edited, seed)
-    keys, values = subject_keys(base, task, edited), value_targets(base, task, edited, new, decay=value_decay)
-    return base, predictions(base, task), edited, new, keys, values, key_covariance(all_keys(base, task), ridge)
+def collapse_point(table: pd.DataFrame, method: str, column: str = "other facts", share: float = 0.5) -> int | None:
+    """The first checkpoint at which ``column`` has fallen below ``share`` of its value before any edit."""
+    before = table.loc[table.method == "before", column].item()
+    rows = table[(table.method == method) & (table[column] < share * before)]
+    return int(rows.edits.min()) if len(rows) else None
 
 
-@_single_threaded
-def memit_tradeoff(task: FactTask, state: dict, n_edits: int, weights: tuple[float, ...] = (1, 3, 10, 30, 100),
-                   ridge: float = 1e-3, seed: int = 0) -> pd.DataFrame:
-    """MEMIT's batch edit of the same ``n_edits`` facts as ``edit_sequence`` with the preserved keys weighted
-    λ ∈ ``weights`` (C → λ C): the three axes for each λ."""
-    _validate.positive_int("n_edits", n_edits)
-    base, before, edited, new, keys, values, C0 = _edit_problem(task, state, n_edits, ridge, seed)
-    W0 = base.memory.weight.detach().clone()
-    rows = []
-    for weight in weights:
-        _validate.positive("weights", weight)
-        with torch.no_grad():
-            base.memory.weight.copy_(W0 + batch_update(W0, weight * C0, keys, values, mode="memit"))
-        rows.append({"λ": weight, **three_axes(predictions(base, task), before, edited, new)})
-    return pd.DataFrame(rows).set_index("λ")
+def row_at(table: pd.DataFrame, method: str, n: int) -> pd.Series:
+    """``method``'s row at the last checkpoint with at most ``n`` edits."""
+    rows = table[(table.method == method) & (table.edits <= n)]
+    if rows.empty:
+        raise ValueError(f"n must reach {method!r}'s first checkpoint, got {n}")
+    return rows.loc[rows.edits.idxmax()]
 
 
-def plot_edit_sequence(table: pd.DataFrame, title: str = "many edits, one after another or all at once"):
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharey=True)
-    for ax, axis in zip(axes, ("reliability", "generalisation", "locality")):
-        for method, group in table.groupby("method", sort=False):
-            ax.plot(group.edits, group[axis], "o-", ms=3, label=method)
+def plot_many_edits(table: pd.DataFrame):
+    columns = ("efficacy", "paraphrase", "other facts", "perplexity")
+    fig, axes = plt.subplots(1, len(columns), figsize=(14, 3.2))
+    before = table[table.method == "before"].iloc[0]
+    for ax, column in zip(axes, columns):
+        for method, group in table[table.method != "before"].groupby("method", sort=False):
+            ax.plot(group.edits, group[column], "o-", ms=3, label=method)
+        if column in ("other facts", "perplexity"):
+            ax.axhline(before[column], color="grey", lw=0.8, ls="--", label="before editing")
         ax.set_xscale("log")
-        ax.set_xlabel("number of edits")
-        ax.set_title(axis)
-        ax.set_ylim(-0.02, 1.02)
-    axes[0].set_ylabel("share")
+        ax.set(xlabel="number of edits", title=column)
+        if column != "perplexity":
+            ax.set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle("many edits: one batch against one after another", fontsize=10)
     fig.tight_layout()
     return fig
 
 
 # ---------------------------------------------------------------- playground
 
+@lru_cache(maxsize=4)
+def _setup(seed: int) -> tuple[lm.Lab, dict[int, torch.Tensor]]:
+    lab = lm.tiny_lm(seed, progress=False)
+    return lab, covariances(lab, seed=seed)
+
+
 @lru_cache(maxsize=128)
-def edits_point(n_edits: int, memit_weight: float = 1.0, ridge: float = 1e-3, seed: int = 0, n_subjects: int = 400,
-                key_dim: int = 256, train_steps: int = 150, device: str = "cpu") -> dict:
-    """The playground's callback: ``n_edits`` edits written by the four methods of ``edit_sequence`` (MEMIT
-    with weight ``memit_weight`` on the preserved keys, C with regulariser ``ridge``); the three axes."""
-    task, state = trained_setup(seed, n_subjects, key_dim, train_steps, device)
-    table = edit_sequence(task, state, n_edits, ridge=ridge, memit_weight=memit_weight, seed=seed)
-    return {"n_edits": n_edits, "memit_weight": memit_weight, "ridge": ridge, "table": table.set_index("method")}
+def edit_point(layer: int, n_edits: int, seed: int = 0, lam: float = 500.0) -> dict:
+    """The playground's callback: ``n_edits`` edits written in one batch at ``layer`` alone (MEMIT at one layer,
+    λ = ``lam``, at the last token); the scores of the edits, the untouched facts and the perplexity."""
+    _validate.non_negative_int("layer", layer)
+    lab, covs = _setup(seed)
+    tracing.check_layers(lab.model, [layer])
+    edits = rome.world_edits(lab.world, n_edits, seed=seed + 1)
+    others = [f for f in lab.world.train_facts if f.subject not in {e.subject for e in edits}]
+    model = copy.deepcopy(lab.model)
+    rome.memit(model, lab.tokenizer, edits, [layer], covs, lam=lam, token="last", clamp=4.0)
+    return {"layer": layer, "n_edits": n_edits, "before": _measure(lab.model, lab.tokenizer, lab.world, edits,
+                                                                    n_edits, others),
+            "after": _measure(model, lab.tokenizer, lab.world, edits, n_edits, others)}
 
 
-def plot_edits_point(result: dict):
-    table = result["table"][["reliability", "generalisation", "locality"]]
-    fig, ax = plt.subplots(figsize=(7, 3.4))
-    x = np.arange(len(table.columns))
-    width = 0.8 / len(table)
-    for i, (method, row) in enumerate(table.iterrows()):
-        ax.bar(x + i * width - 0.4 + width / 2, row.values, width, label=method)
-    ax.set_xticks(x, table.columns)
+def plot_edit_point(result: dict):
+    names = list(AXES) + ["other facts"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    x = np.arange(len(names))
+    for i, when in enumerate(("before", "after")):
+        ax.bar(x + (i - 0.5) * 0.38, [result[when][n] for n in names], 0.38, label=when)
+    ax.set_xticks(x, names)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("share")
-    ax.set_title(f"{result['n_edits']} edits, MEMIT λ = {result['memit_weight']:g}, ridge {result['ridge']:g}",
-                 fontsize=9)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{result['n_edits']} edits at layer {result['layer']}: perplexity "
+                 f"{result['before']['perplexity']:.2f} → {result['after']['perplexity']:.2f}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- 4 · a real model
+
+REAL_EDIT = Edit("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris",
+                 paraphrases=("The Eiffel Tower stands in the city of",
+                              "Where is the Eiffel Tower? It is in the city of",
+                              "Tourists visit the Eiffel Tower in the city of"),
+                 neighbours=("The Louvre is located in the city of",  # Paris sights given P(Paris) ≥ 0.1
+                             "The Musee d'Orsay is located in the city of",
+                             "The Palais Garnier is located in the city of",
+                             "The Arc de Triomphe is located in the city of"),
+                 essence=("The Eiffel Tower is a",))
+REAL_CONTEXTS = ("{}", "Here is a fact. {}", "I read this in a book today. {}")
+REAL_SUBJECTS = ("Eiffel Tower", "Louvre", "Colosseum", "Big Ben", "Statue of Liberty", "Golden Gate Bridge",
+                 "Great Wall of China", "Sydney Opera House")
+# a small corpus for the key covariance, in our own words (with the tiny world's plain sentences added)
+REAL_TEXTS = (
+    "The river runs through the old part of the city.", "She bought fresh bread at the market this morning.",
+    "The museum opens at nine and closes at six.", "Our train to the coast was delayed by an hour.",
+    "He plays the piano every evening after dinner.", "The bridge was painted red last summer.",
+    "Scientists measured the temperature of the lake.", "The library lends books, films and music.",
+    "A small cafe sits on the corner of the square.", "The mountain is covered with snow in winter.",
+    "They visited three castles during the trip.", "The capital has a large park near the palace.",
+    "Tourists queue outside the cathedral at noon.", "The stadium holds more than fifty thousand people.",
+    "Farmers sell cheese and apples on Saturdays.", "The ferry crosses the bay twice a day.",
+)
+
+
+def real_model_demo(world: lm.World, *, layers: tuple[int, ...] | None = None, samples: int = 2,
+                    n_texts: int = 150, seed: int = 0) -> dict:
+    """Trace the Eiffel Tower fact in SmolLM2-135M (``lm.pretrained()``) at every third layer (hidden states, and
+    MLP outputs in a window of 10), edit it to Rome with ROME at the layer the trace picks (the MLP's peak at the
+    last subject token) with C from ``REAL_TEXTS`` and ``n_texts`` of the world's sentences, and score efficacy,
+    paraphrases and neighbours. Raises ``lm.ModelUnavailable`` when no real model can be loaded offline."""
+    start, cpu = time.perf_counter(), time.process_time()
+    real = lm.pretrained()
+    model, tok = real.model, real.tokenizer
+    loaded = time.process_time() - cpu
+    n_layers = lm.layout(model).n_layers
+    layers = tuple(range(0, n_layers, 3)) if layers is None else layers
+    sigma = tracing.embedding_std(model, tok, list(REAL_SUBJECTS))
+    edit = REAL_EDIT
+    traces = {site: tracing.trace(model, tok, [edit.prompt], [edit.subject], [edit.true], noise=3 * sigma,
+                                  site=site, window=window, layers=layers, tokens="key", samples=samples, seed=seed)
+              for site, window in (("hidden", 1), ("mlp", 10))}
+    last_subject = traces["mlp"].spans[0][1] - 1
+    mlp_effect = traces["mlp"].effect[0, :, last_subject]  # [L]
+    layer = layers[int(mlp_effect.argmax())]
+    sentences = [f.sentence for f in world.train_facts] + world.general_train  # plain sentences, many about cities
+    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed))[:n_texts]
+    texts = list(REAL_TEXTS) + [sentences[i] for i in order.tolist()]
+    covs = rome.layer_covariances(model, tok, texts, [layer])
+    before = rome.edit_scores(model, tok, [edit]).iloc[0].to_dict()
+    (change,) = rome.rome_edits(model, tok, [edit], layer, covs[layer], contexts=REAL_CONTEXTS)
+    prompts = (edit.prompt, edit.paraphrases[0], edit.neighbours[0], edit.essence[0])
+    with rome.updated(model, {layer: change.delta}):
+        after = rome.edit_scores(model, tok, [edit]).iloc[0].to_dict()
+        completions = {p: lm.complete(model, tok, p, 3) for p in prompts}
+    original = {p: lm.complete(model, tok, p, 3) for p in prompts}
+    return {"name": real.config.get("name"), "traces": traces, "layer": layer, "before": before, "after": after,
+            "completions_before": original, "completions_after": completions, "load_cpu_seconds": loaded,
+            "cpu_seconds": time.process_time() - cpu, "wall_seconds": time.perf_counter() - start}
+
+
+def plot_real_trace(demo: dict):
+    """P(Paris) with one hidden state or MLP window restored, at the last subject token and the last token."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.0), sharey=True)
+    for ax, (site, trace) in zip(axes, demo["traces"].items()):
+        last_subject, last = trace.spans[0][1] - 1, len(trace.tokens[0]) - 1
+        for position, label in ((last_subject, f"last subject token {trace.tokens[0][last_subject]!r}"),
+                                (last, f"last token {trace.tokens[0][last]!r}")):
+            ax.plot(trace.layers, trace.p_restored[0, :, position], "o-", ms=3, label=label)
+        ax.axhline(trace.p_clean[0], color="k", lw=0.8, ls="--", label="clean")
+        ax.axhline(trace.p_corrupt[0], color="grey", lw=0.8, ls=":", label="corrupted")
+        window = f" (window {trace.window})" if trace.window > 1 else ""
+        ax.set(xlabel="layer" + window, title=f"restore {SITE_TITLES[site]}")
+    axes[0].set_ylabel("P(' Paris')")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{demo['name']}: '{REAL_EDIT.prompt}'", fontsize=10)
     fig.tight_layout()
     return fig

@@ -9,7 +9,7 @@ An ``Edit`` asks that ``prompt`` (which names ``subject``) be answered ``target`
   the MLP's output at that token, makes the model say the target (``optimise_values``: −log P(target) over
   the contexts, a KL "essence" term on other prompts about the subject, a pull towards the old value and a
   norm bound); then the rank-one closed form (``cl_lab.methods.editing.rome_update``) with the key
-  covariance C of the layer (``layer_covariance``: every token of a corpus).
+  covariance C of the layer (``layer_covariances``: every token of a corpus).
 - **MEMIT** (Meng et al. 2023, arXiv 2210.07229) writes a batch: a target hidden state z per edit at the last
   layer of a range, then, layer by layer, the least-squares update that moves the residual a share of the
   way (``memit``).
@@ -18,8 +18,10 @@ An ``Edit`` asks that ``prompt`` (which names ``subject``) be answered ``target`
 - ``edit_scores``: efficacy (P(target) > P(true) on the prompt), paraphrase (the same on other phrasings),
   neighbourhood (P(true) > P(target) on prompts about other subjects whose answer is ``true``).
 
-All functions change the model in place only where they say so; ``updated`` applies weight changes for a block
-and restores the exact old weights afterwards.
+The edited token is ROME's last subject token by default; ``token="last"`` edits at the prompt's last token
+instead (the authors' code offers it as ``fact_token="last"``), for models that read the subject there. All
+functions change the model in place only where they say so; ``updated`` and ``restored`` undo weight changes
+exactly at the end of a block.
 """
 
 from __future__ import annotations
@@ -90,23 +92,21 @@ def essence_prompt(subject: str, relation: str) -> str:
     return f"{subject} speaks" if relation == "works_as" else f"{subject} is a"
 
 
-def world_edits(world: World, n: int, *, seed: int = 0, n_neighbours: int = 10,
-                exclude: Sequence[str] = ()) -> list[Edit]:
+def world_edits(world: World, n: int, *, seed: int = 0, n_neighbours: int = 10) -> list[Edit]:
     """``n`` edits of the tiny LM's world, one per subject (distinct subjects, a seeded random draw):
 
     a random pretrained relation of the subject, one of its trained renderings as the prompt, a random other
     object of that relation as the target; paraphrases: the fact's other renderings (trained and held out);
-    neighbours: up to ``n_neighbours`` trained renderings of subjects outside the edited set (and outside
-    ``exclude``) with the same relation and the same true object.
+    neighbours: up to ``n_neighbours`` trained renderings of subjects outside the edited set with the same
+    relation and the same true object.
     """
     _validate.positive_int("n", n)
     _validate.non_negative_int("n_neighbours", n_neighbours)
-    free = [s for s in world.subjects if s not in set(exclude)]
-    if n > len(free) - 1:
-        raise ValueError(f"n must leave some pretrained subjects unedited (≤ {len(free) - 1}), got {n}")
+    if n > len(world.subjects) - 1:
+        raise ValueError(f"n must leave some pretrained subjects unedited (≤ {len(world.subjects) - 1}), got {n}")
     rng = np.random.default_rng(seed)
-    subjects = [free[i] for i in rng.permutation(len(free))[:n]]
-    edited = set(subjects) | set(exclude)
+    subjects = [world.subjects[i] for i in rng.permutation(len(world.subjects))[:n]]
+    edited = set(subjects)
     renderings: dict[tuple[str, str], list] = {}
     for fact in world.train_facts + world.heldout_facts:
         renderings.setdefault((fact.subject, fact.relation), []).append(fact)
@@ -182,27 +182,39 @@ def mlp_keys(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     return torch.cat(out)
 
 
-def corpus_keys(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], layer: int,
-                batch_size: int = 256) -> torch.Tensor:
-    """The keys of layer ``layer`` at every real token of ``texts`` (each with its end token): [M, d_k]."""
-    (layer,) = check_layers(model, [layer])
+@torch.no_grad()
+def layer_covariances(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                      layers: Sequence[int] | None = None, ridge: float = 1e-3,
+                      batch_size: int = 256) -> dict[int, torch.Tensor]:
+    """C_l = E[k kᵀ] [d_k, d_k] (float64) of each layer's keys over every real token of ``texts`` (each with its
+    end token), with a ridge of ``ridge`` × its mean eigenvalue so that C is safely invertible (ROME: 100,000
+    Wikipedia tokens). One pass per batch serves every layer; the layers after the last one are not run."""
+    layers = sorted(set(check_layers(model, layers)))
     texts = list(texts)
     if not texts:
         raise ValueError("texts must hold at least one text, got none")
-    device = next(model.parameters()).device
-    proj, pad = layout(model).mlp_out(layer), tokenizer.pad_token_id
-    out = []
+    device, pad, lay = next(model.parameters()).device, tokenizer.pad_token_id, layout(model)
+    keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for s in range(0, len(texts), batch_size):
         ids = encode(tokenizer, texts[s:s + batch_size], add_eos=True).to(device)  # [B, T]
-        out.append(_capture_input(model, proj, ids, pad)[ids != pad].cpu())  # [n_real, d_k]
-    return torch.cat(out)
+        real = ids != pad
 
+        def grab(layer: int):
+            def hook(mod, args):
+                keys[layer].append(args[0].detach()[real].float().cpu())  # [n_real, d_k]
+                if layer == layers[-1]:
+                    raise _Stop
+            return hook
 
-def layer_covariance(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], layer: int,
-                     ridge: float = 1e-3) -> torch.Tensor:
-    """C = E[k kᵀ] [d_k, d_k] (float64) over every token of ``texts`` at ``layer`` (ROME: 100,000 Wikipedia
-    tokens), with a ridge of ``ridge`` × its mean eigenvalue so that C is safely invertible."""
-    return key_covariance(corpus_keys(model, tokenizer, texts, layer), ridge)
+        handles = [lay.mlp_out(layer).register_forward_pre_hook(grab(layer)) for layer in layers]
+        try:
+            model(input_ids=ids, attention_mask=real.long())
+        except _Stop:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+    return {layer: key_covariance(torch.cat(keys[layer]), ridge) for layer in layers}
 
 
 def subject_keys(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits: Sequence[Edit], layer: int,
@@ -263,9 +275,10 @@ def _frozen(model: nn.Module) -> Iterator[None]:
 def optimise_values(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits: Sequence[Edit], layer: int, *,
                     site: str = "mlp", token: str = "subject_last", contexts: Sequence[str] = ("{}",),
                     steps: int = 20, lr: float = 0.5,
-                    kl_factor: float = 0.0625, weight_decay: float = 0.5, clamp: float = 4.0) -> Values:
-    """ROME's v* (Meng et al. 2022, eq. 4), for every edit at once (each δ only reaches its own prompts, and
-    Adam is elementwise, so the batch equals one run per edit).
+                    kl_factor: float = 0.0625, weight_decay: float = 0.5, clamp: float = 4.0,
+                    stop_loss: float = 0.05) -> Values:
+    """ROME's v* (Meng et al. 2022, eq. 4), for every edit at once (each δ only reaches its own prompts, Adam is
+    elementwise, and an edit that has converged is held still, so the batch equals one run per edit).
 
     δ_e [d] is added to ``site``'s output ('mlp': the MLP's, for ROME; 'hidden': the block's, for MEMIT's z)
     at the last subject token of every prompt of edit e (``token="last"``: at its last token, and without the
@@ -275,8 +288,9 @@ def optimise_values(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits:
         + kl_factor · mean over essence prompts of KL(P_old(· | p) ‖ P_δ(· | p))
         + weight_decay · ‖δ‖ / ‖v₀‖²     (ROME's code; v₀ the old output on the bare prompt)
 
-    by ``steps`` Adam steps at ``lr``, with ‖δ‖ ≤ ``clamp`` · ‖v₀‖ after each (ROME: 20 steps, lr 0.5,
-    kl 0.0625, decay 0.5, clamp 4; MEMIT: clamp 0.75). The model's weights are not changed.
+    by at most ``steps`` Adam steps at ``lr``, with ‖δ‖ ≤ ``clamp`` · ‖v₀‖ after each, stopping once every edit's
+    loss is below ``stop_loss`` (ROME: 20 steps, lr 0.5, kl 0.0625, decay 0.5, clamp 4, stop at 0.05; MEMIT:
+    clamp 0.75). The model's weights are not changed.
     """
     edits, contexts = _edits(edits), _contexts(contexts)
     for name, value in (("steps", steps),):
@@ -303,6 +317,7 @@ def optimise_values(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits:
         delta = torch.zeros(len(edits), init.shape[1], device=device, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=lr)
         max_norm = clamp * init.norm(dim=1, keepdim=True)  # [N, 1]
+        done = torch.zeros(len(edits), dtype=torch.bool, device=device)
 
         def add_delta(mod, args, output):
             out = output[0] if isinstance(output, tuple) else output
@@ -324,11 +339,16 @@ def optimise_values(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits:
                     counts = torch.bincount(owner[n_rw:], minlength=len(edits)).clamp(min=1)
                     loss = loss + kl_factor * torch.zeros_like(loss).index_add_(0, owner[n_rw:], kl) / counts
                 loss = loss + weight_decay * delta.norm(dim=1) / init.norm(dim=1).pow(2)
+                done |= loss.detach() < stop_loss  # ROME stops an edit once its loss is below 0.05
+                if done.all():
+                    break
+                kept = delta.detach().clone()
                 optimizer.zero_grad(set_to_none=True)
                 loss.sum().backward()
                 optimizer.step()
                 with torch.no_grad():
                     delta.mul_(torch.clamp(max_norm / delta.norm(dim=1, keepdim=True).clamp(min=1e-12), max=1.0))
+                    delta[done] = kept[done]
         finally:
             handle.remove()
     return Values(init.detach().cpu(), delta.detach().cpu(), (p_target / len(contexts)).detach().cpu())
@@ -391,31 +411,41 @@ def add_to_layer(model: nn.Module, layer: int, delta: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def updated(model: nn.Module, deltas: dict[int, torch.Tensor]) -> Iterator[nn.Module]:
-    """Within the block, each layer's MLP output projection has ``deltas[layer]`` added; the exact old weights
-    come back on exit."""
-    saved = {layer: weight_out_in(layout(model).mlp_out(layer)).detach().clone() for layer in deltas}
+def restored(model: nn.Module, layers) -> Iterator[nn.Module]:
+    """Within the block the MLP output projections of ``layers`` may change freely (an edit, fine-tuning); their
+    exact old parameters come back on exit."""
+    lay = layout(model)
+    saved = [(p, p.detach().clone()) for layer in layers for p in lay.mlp_out(layer).parameters()]
     try:
-        for layer, delta in deltas.items():
-            add_to_layer(model, layer, delta)
         yield model
     finally:
         with torch.no_grad():
-            for layer, weight in saved.items():
-                weight_out_in(layout(model).mlp_out(layer)).copy_(weight)
+            for p, old in saved:
+                p.copy_(old)
+
+
+@contextlib.contextmanager
+def updated(model: nn.Module, deltas: dict[int, torch.Tensor]) -> Iterator[nn.Module]:
+    """Within the block, each layer's MLP output projection has ``deltas[layer]`` added; the exact old weights
+    come back on exit."""
+    with restored(model, deltas):
+        for layer, delta in deltas.items():
+            add_to_layer(model, layer, delta)
+        yield model
 
 
 def memit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits: Sequence[Edit], layers: Sequence[int],
           covariances: dict[int, torch.Tensor], *, lam: float = 15_000.0, contexts: Sequence[str] = ("{}",),
-          **value_options) -> dict[int, torch.Tensor]:
+          token: str = "subject_last", z: torch.Tensor | None = None, **value_options) -> dict[int, torch.Tensor]:
     """MEMIT (Meng et al. 2023, arXiv 2210.07229, alg. 1), in place: every edit at once, spread over ``layers``.
 
-    1. z_e: the hidden state after the last of ``layers`` at edit e's last subject token that makes the model
-       say the target (``optimise_values`` with site 'hidden'; MEMIT's clamp 0.75 unless given).
+    1. z_e: the hidden state after the last of ``layers`` at edit e's token that makes the model say the target
+       (``memit_targets``, unless ``z`` is given).
     2. For each layer l in order: the keys K (``subject_keys`` on the model edited so far), the residual
        R = (z − h_last) / (number of layers left), and Δ_l = ``memit_update``(λ C_l, K, R), applied at once.
 
     ``covariances[l]`` is C_l = E[k kᵀ] at layer l, ``lam`` MEMIT's λ (15,000 for GPT-J, 20,000 for GPT-2 XL).
+    ``z`` [N, d]: targets from an earlier call of ``memit_targets`` (they depend only on the unedited model).
     Returns {layer: Δ_l}.
     """
     edits = _edits(edits)
@@ -426,20 +456,30 @@ def memit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits: Sequence[
     if missing:
         raise ValueError(f"covariances must hold a C for every layer, got none for {missing}")
     _validate.positive("lam", lam)
-    value_options = {"clamp": 0.75, **value_options}
     top = layout(model).block(layers[-1])
-    ids, last = _located(tokenizer, [e.prompt for e in edits], [e.subject for e in edits])
+    ids, last = _located(tokenizer, [e.prompt for e in edits], [e.subject for e in edits], token)
     device, pad = next(model.parameters()).device, tokenizer.pad_token_id
     ids, last = ids.to(device), last.to(device)
-    z = optimise_values(model, tokenizer, edits, layers[-1], site="hidden", contexts=contexts,
-                        **value_options).target  # [N, d]
+    if z is None:
+        z = memit_targets(model, tokenizer, edits, layers[-1], token=token, contexts=contexts, **value_options)
+    if z.shape[0] != len(edits):
+        raise ValueError(f"z must hold one target per edit ({len(edits)}), got {z.shape[0]}")
     deltas = {}
     for i, layer in enumerate(layers):
-        keys = subject_keys(model, tokenizer, edits, layer, contexts)  # [N, d_k]
+        keys = subject_keys(model, tokenizer, edits, layer, contexts, token)  # [N, d_k]
         residual = (z - _site_output(model, top, ids, last, pad).cpu()) / (len(layers) - i)  # [N, d]
         deltas[layer] = memit_update(lam * covariances[layer], keys, residual)
         add_to_layer(model, layer, deltas[layer])
     return deltas
+
+
+def memit_targets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits: Sequence[Edit], layer: int, *,
+                  token: str = "subject_last", contexts: Sequence[str] = ("{}",), **value_options) -> torch.Tensor:
+    """MEMIT's z [N, d]: the hidden state after block ``layer`` at each edit's token that makes the model say the
+    target (``optimise_values`` with site 'hidden'; MEMIT's norm bound 0.75 · ‖h‖ unless ``clamp`` is given)."""
+    value_options = {"clamp": 0.75, **value_options}
+    return optimise_values(model, tokenizer, edits, layer, site="hidden", token=token, contexts=contexts,
+                           **value_options).target
 
 
 def finetune(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits: Sequence[Edit], layer: int, *,

@@ -27,6 +27,7 @@ samples, in a few forward passes. Like the paper, MLP and attention outputs are 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -216,9 +217,17 @@ class Trace:
                 values = effect[f][:, positions]  # [L, n]
                 if positions and not np.isnan(values).all():
                     table[f, c] = np.nanmean(values, axis=1)
-        with np.errstate(all="ignore"), contextlib.suppress(RuntimeWarning):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a category no prompt has: nan, said as such
             mean = np.nanmean(table, axis=0)
         return pd.DataFrame(mean, index=list(CATEGORIES), columns=self.layers)
+
+
+def subject_noise(noise: float, samples: int, n_tokens: int, dim: int, seed: int = 0, index: int = 0) -> torch.Tensor:
+    """The noise ``trace`` adds to prompt ``index``'s subject embeddings: [samples, n_tokens, dim], N(0, noise²),
+    drawn from a generator seeded by (``seed``, ``index``) alone, so a prompt gets the same draws in any batch."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return noise * torch.randn(samples, n_tokens, dim, generator=gen)
 
 
 def _window(layer: int, window: int, n_layers: int) -> list[int]:
@@ -295,8 +304,7 @@ def _trace_chunk(model, ids, spans, lengths, targets, rows_of, noise, site, wind
     d = module_of(model, EMBED).weight.shape[1]
     draws = torch.zeros(len(spans), samples, ids.shape[1], d)  # [C, S, T, d] noise on the subject tokens only
     for c, (start, end) in enumerate(spans):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + rows_of[c])
-        draws[c, :, start:end] = noise * torch.randn(samples, end - start, d, generator=gen)
+        draws[c, :, start:end] = subject_noise(noise, samples, end - start, d, seed, rows_of[c])
     device = ids.device
     row_noise = draws[prompt_of, sample].to(device)  # [R, T, d]
     patches: dict[str, Patch] = {EMBED: lambda x: x + row_noise.to(x.dtype)}
