@@ -59,7 +59,7 @@ def heading_text(markdown_heading: str) -> str:
 
 def jupyterlab_anchor(heading: str) -> str:
     """The fragment JupyterLab gives a rendered heading (its text, spaces as hyphens), URL-quoted."""
-    return quote(heading.replace(" ", "-"), safe="-:,()'!*")
+    return quote(heading.replace(" ", "-"), safe="-:,'!*")
 
 
 def chapters(folder: Path = NOTEBOOKS) -> dict[str, Chapter]:
