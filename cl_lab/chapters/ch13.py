@@ -244,16 +244,18 @@ def plot_drift(table: pd.DataFrame):
 
 def guard_outcomes(labs: dict, facts: list, tolerance: float = 0.05, seed: int = 0) -> dict[str, np.ndarray]:
     """[N] bool outcomes on the guard queries ``facts`` for each lab, plus two synthetic candidates built from the
-    first (the control): one wrong on a random ``tolerance`` share of its correct answers (at the tolerance),
-    one on twice that share."""
+    first (the control): one made wrong on exactly ``tolerance``·N of its correct answers, drawn at random (its
+    accuracy drop is the tolerance), one on twice as many."""
     out = {name: hits(lab.model, lab.tokenizer, facts).numpy()
            for name, lab in labs.items()}
     control = next(iter(out.values()))
     rng = np.random.default_rng(seed)
+    correct = np.flatnonzero(control)
     for label, share in ((f"synthetic, −{tolerance:.0%} (at tolerance)", tolerance),
                          (f"synthetic, −{2 * tolerance:.0%}", 2 * tolerance)):
-        flip = rng.random(len(control)) < share
-        out[label] = control & ~flip
+        wrong = rng.choice(correct, size=min(round(share * len(control)), len(correct)), replace=False)
+        out[label] = control.copy()
+        out[label][wrong] = False
     return out
 
 

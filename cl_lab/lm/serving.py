@@ -128,9 +128,10 @@ def canary(control: np.ndarray, candidate: np.ndarray, *, share: float = 0.1, pe
     from the N), a ``share`` of them served by the candidate; after each check the accumulated accuracies are
     compared one-sidedly,
 
-        z_obs = (acc_control − acc_candidate − margin) / √(p(1 − p)(1/n_control + 1/n_candidate)),
+        z_obs = (acc_control − acc_candidate − margin) / √(a_c(1 − a_c)/n_control + a_k(1 − a_k)/n_candidate),
 
-    p the pooled accuracy; the candidate is rolled back at the first check with z_obs > ``z``. A stricter z
+    a_c, a_k the two accuracies (unpooled: under a non-zero margin the two are not equal, and a pooled variance
+    would misjudge the candidate's); the candidate is rolled back at the first check with z_obs > ``z``. A stricter z
     than 1.64 pays for looking ``checks`` times. Returns whether and when it was rolled back, the requests the
     candidate served, and the errors it made that the control would not have (the canary's cost).
     """
@@ -157,8 +158,8 @@ def canary(control: np.ndarray, candidate: np.ndarray, *, share: float = 0.1, pe
         if min(n.values()) == 0:
             continue
         acc = {k: ok[k] / n[k] for k in ok}
-        pooled = (ok["control"] + ok["candidate"]) / (n["control"] + n["candidate"])
-        se = math.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / n["control"] + 1 / n["candidate"]))
+        var = sum(acc[k] * (1 - acc[k]) / n[k] for k in acc)
+        se = math.sqrt(max(var, 1e-12))
         if (acc["control"] - acc["candidate"] - margin) / se > z:
             return {"rolled back": True, "at check": check, "candidate requests": n["candidate"],
                     "extra errors": extra_errors}
