@@ -148,22 +148,29 @@ def _located(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], subject
 
 
 @torch.no_grad()
-def _capture_input(model: nn.Module, module: nn.Module, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """The input of ``module`` [B, T, d_in] on ids, without running the layers after it."""
+def _capture(model: nn.Module, module: nn.Module, ids: torch.Tensor, pad_id: int, *, output: bool) -> torch.Tensor:
+    """``module``'s output (``output=True``) or its first input [B, T, d] on ids, without running the layers after
+    it (a hook stops the forward pass there)."""
     seen = []
 
-    def hook(mod, args):
-        seen.append(args[0].detach())
+    def keep(value):
+        seen.append((value[0] if isinstance(value, tuple) else value).detach())
         raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
+    handle = (module.register_forward_hook(lambda mod, args, out: keep(out)) if output
+              else module.register_forward_pre_hook(lambda mod, args: keep(args)))
     try:
         model(input_ids=ids, attention_mask=(ids != pad_id).long())
     except _Stop:
         pass
     finally:
         handle.remove()
-    return seen[0].float()
+    return seen[0]
+
+
+def _capture_input(model: nn.Module, module: nn.Module, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """The input of ``module`` [B, T, d_in] on ids."""
+    return _capture(model, module, ids, pad_id, output=False).float()
 
 
 def mlp_keys(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
@@ -354,24 +361,11 @@ def optimise_values(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits:
     return Values(init.detach().cpu(), delta.detach().cpu(), (p_target / len(contexts)).detach().cpu())
 
 
-@torch.no_grad()
 def _site_output(model: nn.Module, module: nn.Module, ids: torch.Tensor, last: torch.Tensor,
                  pad: int) -> torch.Tensor:
     """The output of ``module`` at each row's position ``last`` [R, d]."""
-    seen = []
-
-    def hook(mod, args, output):
-        seen.append((output[0] if isinstance(output, tuple) else output).detach())
-        raise _Stop
-
-    handle = module.register_forward_hook(hook)
-    try:
-        model(input_ids=ids, attention_mask=(ids != pad).long())
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return seen[0][torch.arange(len(ids), device=ids.device), last].float()
+    output = _capture(model, module, ids, pad, output=True)  # [R, T, d]
+    return output[torch.arange(len(ids), device=ids.device), last].float()
 
 
 # ---------------------------------------------------------------- ROME, MEMIT, FT
