@@ -48,6 +48,10 @@ def test_stamping_twice_is_stamping_once(stamped):
     assert stamper.main(["--check", *map(str, stamped.glob("*.ipynb"))]) == 0
 
 
+def _unstamped(cells) -> list:
+    return [c for c in cells if not set(_tags(c)) & {stamper.COLAB_TAG, stamper.REPORT_TAG}]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_stamped_chapter_keeps_its_shape_and_parameters(stamped, path):
     import papermill as pm
@@ -57,7 +61,7 @@ def test_stamped_chapter_keeps_its_shape_and_parameters(stamped, path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert _tags(code[0]) == [stamper.COLAB_TAG], "the Colab cell is the first code cell"
     assert _tags(nb.cells[-1]) == [stamper.REPORT_TAG] and "check.report()" in nb.cells[-1].source
-    assert [c for c in nb.cells if not set(_tags(c)) & {stamper.COLAB_TAG, stamper.REPORT_TAG}] == original.cells
+    assert _unstamped(nb.cells) == _unstamped(original.cells), "every other cell is kept as it was"
     assert sum("parameters" in _tags(c) for c in code) == 1
     assert not any(c.outputs or c.execution_count for c in code)
     assert nb.metadata.kernelspec.name == "python3"
@@ -104,3 +108,7 @@ def test_stamped_notebook_executes_the_colab_cell_as_a_no_op_in_a_kernel(tmp_pat
     assert nb.cells[0].outputs == []
     assert nb.cells[2].outputs[0]["text"].split() == [str(tmp_path), "False"]
     json.dumps(nb)  # still a plain notebook
+
+
+def test_committed_chapters_are_stamped():
+    assert stamper.main(["--check", *map(str, NOTEBOOKS)]) == 0, "run: python scripts/stamp_notebooks.py"
