@@ -32,6 +32,8 @@ Pieces:
   ``Stream`` for ``train.fit``.
 - ``TextReplay``, ``KLToBase`` (``methods.py``): replay of pretraining text counted in tokens; a KL term to the
   frozen base model on the task's prompts or on general text.
+- ``generative.sample_texts``, ``generative.SelfReplay``: the model's own samples as replay (a frozen copy's, or
+  the model being trained, re-sampled at every task start as in LAMOL).
 - ``pretrained``, ``ModelUnavailable`` (``real.py``); ``layout``, ``weight_out_in`` (``layout.py``).
 - ``encode``, ``decode``, ``build_tokenizer`` (``tokenizer.py``); ``extend_vocabulary`` (``lab.py``).
 

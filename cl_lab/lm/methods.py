@@ -58,11 +58,15 @@ class TextReplay(Method):
                  seed: int = 0) -> None:
         self.token_share = _validate.in_range("token_share", token_share, 0.0, 1.0, high_open=True)
         self.seed = _validate.non_negative_int("seed", seed)
-        self.ids = encode(lab.tokenizer, _texts(lab, texts), add_eos=True)  # [N, L]
         self.pad_id = lab.tokenizer.pad_token_id
-        self.row_tokens = ((self.ids != self.pad_id).sum(1) - 1).tolist()  # supervised tokens per text
+        self.use_texts(lab, _texts(lab, texts))
         self.generator = torch.Generator().manual_seed(seed)
         self.owed, self.task_tokens, self.replay_tokens = 0.0, 0, 0
+
+    def use_texts(self, lab: Lab, texts: Sequence[str]) -> None:
+        """Replay ``texts`` from now on (the debt and the token counts carry over)."""
+        self.ids = encode(lab.tokenizer, texts, add_eos=True)  # [N, L]
+        self.row_tokens = ((self.ids != self.pad_id).sum(1) - 1).tolist()  # supervised tokens per text
 
     @property
     def share(self) -> float:
