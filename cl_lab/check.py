@@ -16,16 +16,17 @@ from dataclasses import dataclass
 GREEN, RED, GREY, RESET = "\033[32m", "\033[31m", "\033[90m", "\033[0m"
 PASS_MARK, FAIL_MARK, SKIP_MARK = "✓ claim", "✗ claim", "↷ claim skipped"
 
-_state = {"defaults": True, "data_note": ""}
+_state = {"defaults": True, "data_note": "", "chapter": None, "seed": None}
 
 
 class ClaimFailed(AssertionError):
     """A sentence in the chapter's prose is no longer true for this run."""
 
 
-def use_defaults(active: bool) -> None:
-    """Tell the checks whether the lesson's default parameters are in force."""
+def use_defaults(active: bool, *, chapter: str | None = None, seed: int | None = None) -> None:
+    """Tell the checks whether the lesson's default parameters are in force, and which chapter and seed run."""
     _state["defaults"] = bool(active)
+    _state["chapter"], _state["seed"] = chapter, seed
 
 
 @dataclass(frozen=True)
