@@ -10,6 +10,10 @@ the question itself (``<summary><b>L1.</b> What is …</summary>``) keeps that q
 summary is "Hint" stays whole. Everything else stays, the claim checks included. The instructor notebooks are
 only read. The work is done by nbconvert: a ``NotebookExporter`` with ``TagRemovePreprocessor`` and
 ``StripAnswers`` below.
+
+An answer written outside a fold would reach the students, so the copies are scanned afterwards (``answer_leaks``):
+a "Follow-up" paragraph with anything after its questions (a parenthesised answer, a sentence), or an "Answer:" or
+"Solution:" label outside a fold. The command names each such notebook cell and exits 1.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import nbformat
 from nbconvert.exporters import NotebookExporter
 from nbconvert.preprocessors import Preprocessor, TagRemovePreprocessor
 from traitlets import Unicode
@@ -33,6 +38,10 @@ _DETAILS_TAG = re.compile(r"<(/?)details\b[^>]*>", re.IGNORECASE)
 _SUMMARY = re.compile(r"<summary\b[^>]*>(.*?)</summary>", re.IGNORECASE | re.DOTALL)
 _ANSWER_LABEL = re.compile(r"^\s*(answers?|solutions?)\s*[.:]?\s*$", re.IGNORECASE)
 _HINT_LABEL = re.compile(r"^\s*hints?\b", re.IGNORECASE)
+_FOLLOW_UP = re.compile(r"^[\s>*_-]*follow-ups?\b[*_]*\s*:?", re.IGNORECASE)
+_LABEL = re.compile(r"(?:^|\n)[\s>*_-]*(?:\*\*|__|<b>)?\s*(answers?|solutions?)\s*(?:\*\*|__|</b>)?\s*[:.—]"
+                    r"|(?:\*\*|<b>)(answers?|solutions?)\s*[:.—]", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.;!]\s+[A-Z(]|\)\s*[.;]")
 
 
 def details_blocks(text: str) -> list[tuple[int, int]]:
@@ -75,6 +84,52 @@ def strip_answers(markdown: str, placeholder: str = PLACEHOLDER) -> str:
         pieces += [markdown[last:start], strip_answer(markdown[start:end], placeholder)]
         last = end
     return "".join(pieces + [markdown[last:]])
+
+
+def _follow_up_leak(paragraph: str) -> str:
+    """Why a "Follow-up: *question?* …" paragraph gives an answer away, or "" when it only asks.
+
+    What follows each question mark must be the next question: text after the last one, a parenthesis right
+    after one, or a sentence ending between two of them is an answer. A paragraph without a question mark
+    ("Follow-up: derive it.") is not judged.
+    """
+    plain = _FOLLOW_UP.sub("", paragraph, count=1).replace("*", "").replace("_", " ")
+    if "?" not in plain:
+        return ""
+    *between, after_last = plain.split("?")[1:] or [""]
+    if re.search(r"\w", after_last):
+        return f"text after its last question: {after_last.strip()[:60]!r}"
+    for text in between:
+        if text.lstrip().startswith("(") or _SENTENCE_END.search(text):
+            return f"an answer between its questions: {text.strip()[:60]!r}"
+    return ""
+
+
+def answer_leaks(markdown: str) -> list[str]:
+    """What in ``markdown`` gives an answer away outside a ``<details>`` fold (run it on a student copy's cell).
+
+    Two forms: a "Follow-up" paragraph that answers its own question (see ``_follow_up_leak``), and an
+    "Answer:" or "Solution:" label (at a line's start or in bold). Text inside any fold, hints included, and the
+    placeholder are ignored.
+    """
+    outside, last = [], 0
+    for start, end in details_blocks(markdown):
+        outside.append(markdown[last:start])
+        last = end
+    text = "\n\n".join([*outside, markdown[last:]]).replace(PLACEHOLDER, "")
+    found = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        if _FOLLOW_UP.match(paragraph) and (why := _follow_up_leak(" ".join(paragraph.split()))):
+            found.append(f"a follow-up with its answer outside a fold, {why}")
+        found += [f"an answer label outside a fold: {m.group(0).strip()!r}" for m in _LABEL.finditer(paragraph)]
+    return found
+
+
+def notebook_leaks(path: Path) -> list[str]:
+    """Each answer that the student copy of ``path`` would still show, as 'NN_x.ipynb cell K: what'."""
+    nb = nbformat.read(path, as_version=4)
+    return [f"{path.name} cell {index}: {leak}" for index, cell in enumerate(nb.cells) if cell.cell_type == "markdown"
+            for leak in answer_leaks(strip_answers(cell.source))]
 
 
 class StripAnswers(Preprocessor):
@@ -141,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     written = write_student_copies(args.out, args.chapters or None)
     print(f"{len(written)} student copies written to {args.out}")
-    failed = 0
+    leaks = [leak for path in chapter_paths(args.chapters or None) for leak in notebook_leaks(path)]
+    for leak in leaks:
+        print(f"  LEAK {leak}")
+    failed = len(leaks)
     for path in written if args.check else []:
         try:
             print(f"  {path.name}: executes with SMOKE=True in {execute_smoke(path):.1f} s", flush=True)

@@ -1,9 +1,10 @@
-"""Student copies: every folded answer and every `solution` cell gone, every question kept, the copies still run,
-and the instructor notebooks untouched (byte for byte)."""
+"""Student copies: every folded answer and every `solution` cell gone, every question kept, no answer left outside
+a fold, the copies still run, and the instructor notebooks untouched (byte for byte)."""
 
 import hashlib
 import importlib.util
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -105,6 +106,63 @@ def test_hand_made_notebook_every_form(tmp_path):
     assert "look at section 2" in text, "a hint is not an answer"
     assert [c.source for c in pupil.cells if c.cell_type == "code"] == [
         "print('the exercise scaffold')", "check.at_least(acc, 0.9, 'claim')"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_nothing_outside_the_folds_gives_an_answer_away(path):
+    leaks = student.notebook_leaks(path)
+    assert not leaks, "answer text a student copy would show (fold it in <details>):\n" + "\n".join(leaks)
+
+
+@pytest.mark.parametrize("markdown, form", [
+    ("Follow-up: *what accuracy does it get?* (its share of the test set: 0.2 here).", "text after its last"),
+    ("Follow-ups: *which keys?* (those with $(C^{-1}k^*)^\\top k = 0$); *how is $v^*$ found?*", "between its"),
+    ("Follow-ups: *what would make it exact?* Routing (a task id). *Is it a projection?*", "between its"),
+    ("Follow-up: *and without the base model?* Replay only needs its data.", "text after its last"),
+    ("**L1.** Why?\n\nAnswer: because.", "answer label"),
+    ("**Solution:** set λ to 10.", "answer label"),
+    ("<details><summary>Answer</summary>x</details>\n\nFollow-up: *why?* (y)", "text after its last"),
+])
+def test_each_leak_form_is_found(markdown, form):
+    (leak,) = student.answer_leaks(student.strip_answers(markdown))
+    assert form in leak
+
+
+@pytest.mark.parametrize("markdown", [
+    "Follow-up: *what do you need to see it?*\n<details><summary>Answer</summary>(every iteration)</details>",
+    "Follow-ups: *why not random?* *Does LoRA care about the transpose?*\n\n<details><summary>Answer</summary>"
+    "No.</details>",
+    "<details><summary>Follow-up: why noise?</summary>(it keeps the positions)</details>",
+    "Follow-up: derive the update for two tasks.",
+    "The DPO model's answers: KL of 4.5–6.5 nats. Why isn't it the default? (cheat-sheet L3 Q12)",
+    "<details><summary>Hint 1</summary>Solution: not here, this is a hint fold</details>",
+])
+def test_questions_and_prose_are_not_leaks(markdown):
+    assert student.answer_leaks(student.strip_answers(markdown)) == []
+
+
+LEAKY_COMMIT = "7e3c571"  # the chapters as issue 20 found them: follow-up answers outside the folds
+
+
+def _at_commit(name: str, folder: Path) -> Path | None:
+    shown = subprocess.run(["git", "show", f"{LEAKY_COMMIT}:notebooks/{name}"], cwd=ROOT, capture_output=True)
+    if shown.returncode:
+        return None
+    (folder / name).write_bytes(shown.stdout)
+    return folder / name
+
+
+def test_the_leaks_issue_20_found_are_caught(tmp_path):
+    """Issue 20's list (ch07 cells 31-33, ch08 40-42, ch09 51 and 55, ch11 38-41), read from the commit it was
+    filed against; ch09's cells 53 and 56 leaked the same way."""
+    expected = {"07_classil_head_bias.ipynb": [31, 32, 33], "08_stability_gap.ipynb": [40, 41, 42],
+                "09_lora_cl.ipynb": [51, 53, 55, 56], "11_rome_edit.ipynb": [38, 39, 40, 41]}
+    for name, cells in expected.items():
+        path = _at_commit(name, tmp_path)
+        if path is None:
+            pytest.skip(f"commit {LEAKY_COMMIT} is not in this clone (shallow?)")
+        found = sorted({int(re.search(r"cell (\d+)", leak).group(1)) for leak in student.notebook_leaks(path)})
+        assert found == cells, f"{name}: leaks found in cells {found}, expected {cells}"
 
 
 def test_an_unclosed_details_block_is_an_error():
