@@ -5,13 +5,24 @@ claim, the measured value and the bound. Claims tied to the lesson's default par
 visibly, once a reader changes those parameters (``use_defaults(False)``); every check behaves so by
 default, ``close`` included. Pass ``always=True`` only for what holds at any parameters (exact
 equalities, invariants).
+
+Seeds. The claims ledger (``ledger/``, see ``cl_lab.ledger``) records every claim at the seeds it was calibrated
+at (0–9). At one of those seeds a failed lesson claim raises; at any other seed it prints in red with the range
+the ledger measured and the notebook goes on, so a reader's Run All finishes and shows what differed. Exact
+identities (``always=True``) raise at every seed.
+
+Two environment variables serve the ledger run (``scripts/preflight.sh --ledger``):
+``CL_LAB_CLAIMS=record`` records a failed claim without raising (every later claim is still measured), and
+``CL_LAB_LEDGER_OUT=path.json`` writes every record, with its numbers, to that file after each check.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 
 GREEN, RED, GREY, RESET = "\033[32m", "\033[31m", "\033[90m", "\033[0m"
 PASS_MARK, FAIL_MARK, SKIP_MARK = "✓ claim", "✗ claim", "↷ claim skipped"
@@ -37,7 +48,25 @@ class ClaimRecord:
     measured: str
     bound: str
     status: str  # "passed", "FAILED" or "skipped"
-    note: str = ""  # why a claim was skipped
+    note: str = ""  # why a claim was skipped, or why a failure did not stop the notebook
+    kind: str = ""  # the check: at_least, at_most, between, greater, close or true
+    value: float = math.nan  # the measured quantity in the claim's units (greater: the gap a − b)
+    low: float = math.nan  # the lower bound on value (nan: none)
+    high: float = math.nan  # the upper bound on value (nan: none)
+    margin: float = math.nan  # room to the nearest bound, in the claim's units: ≥ 0 passes (nan for ``true``)
+    always: bool = False  # an exact identity, checked at any parameters and seed
+    occurrence: int = 0  # the how-many-th check of this sentence within one cell execution
+
+
+@dataclass(frozen=True)
+class Measure:
+    """What a check measured, as numbers: the quantity, its bounds and the room left (see ``ClaimRecord``)."""
+
+    kind: str
+    value: float
+    low: float = math.nan
+    high: float = math.nan
+    margin: float = math.nan
 
 
 # Every claim checked in this kernel, keyed by (claim, its occurrence within one cell execution): re-running a
@@ -55,13 +84,23 @@ def _execution_count() -> int | None:
     return None if shell is None else shell.execution_count
 
 
-def _record(claim: str, measured: str, bound: str, status: str, note: str = "") -> None:
+def _next_occurrence(claim: str) -> int:
+    """How many times ``claim`` was checked before in this cell execution (0 the first time); counts this one."""
     cell = _execution_count()  # constant while one cell runs; None outside IPython (then rows only accumulate)
     if cell is not None and cell != _occurrences["cell"]:
         _occurrences["cell"], _occurrences["counts"] = cell, {}
     n = _occurrences["counts"].get(claim, 0)
     _occurrences["counts"][claim] = n + 1
-    _records[(claim, n)] = ClaimRecord(claim, measured, bound, status, note)
+    return n
+
+
+def _record(row: ClaimRecord) -> None:
+    _records[(row.claim, row.occurrence)] = row
+    out = os.environ.get("CL_LAB_LEDGER_OUT", "").strip()
+    if out:  # rewritten after every check: a run that stops halfway still leaves what it measured
+        rows = [{**asdict(r), "chapter": _state["chapter"], "seed": _state["seed"]} for r in records()]
+        with open(out, "w", encoding="utf-8") as sink:
+            json.dump(rows, sink, ensure_ascii=False, allow_nan=True)
 
 
 def records() -> list[ClaimRecord]:
@@ -123,24 +162,65 @@ def data_differs(note: str) -> None:
     _state["data_note"] = note
 
 
-def _report(ok: bool, claim: str, detail: str, always: bool, measured: str = "", bound: str = "") -> bool:
+CLAIM_MODES = ("", "record")
+
+
+def _claim_mode() -> str:
+    mode = os.environ.get("CL_LAB_CLAIMS", "").strip()
+    if mode not in CLAIM_MODES:
+        raise ValueError(f"CL_LAB_CLAIMS must be unset or 'record' (record failures without raising), got {mode!r}")
+    return mode
+
+
+def _seed_is_calibrated() -> bool:
+    """Whether the ledger holds this chapter at this seed (seeds 0–9 until a chapter's ledger exists)."""
+    if _state["chapter"] is None or _state["seed"] is None:
+        return True  # a check outside a chapter: nothing to compare with, so it raises as always
+    from cl_lab import ledger
+
+    return int(_state["seed"]) in ledger.calibrated_seeds(_state["chapter"])
+
+
+def _ledger_range(claim: str, occurrence: int) -> str:
+    from cl_lab import ledger
+
+    return ledger.describe_range(_state["chapter"], claim, occurrence)
+
+
+def _report(ok: bool, claim: str, detail: str, always: bool, measure: Measure, measured: str = "",
+            bound: str = "") -> bool:
     measured = measured or detail
+    occurrence = _next_occurrence(claim)
+
+    def record(status: str, note: str = "") -> None:
+        _record(ClaimRecord(claim, measured, bound, status, note, measure.kind, float(measure.value),
+                            float(measure.low), float(measure.high), float(measure.margin), always, occurrence))
+
     if not always and _state["data_note"]:
         print(f"{GREY}{SKIP_MARK}: {claim} (calibrated on the offline MNIST subset, this run uses "
               f"{_state['data_note']}){RESET}")
-        _record(claim, measured, bound, "skipped", f"data: {_state['data_note']}")
+        record("skipped", f"data: {_state['data_note']}")
         return True
     if not always and not _state["defaults"]:
         print(f"{GREY}{SKIP_MARK}: {claim} (parameters differ from the lesson's defaults){RESET}")
-        _record(claim, measured, bound, "skipped", "parameters differ from the lesson's defaults")
+        record("skipped", "parameters differ from the lesson's defaults")
         return True
     if ok:
         print(f"{GREEN}{PASS_MARK}: {claim} [{detail}]{RESET}")
-        _record(claim, measured, bound, "passed")
+        record("passed")
         return True
-    print(f"{RED}{FAIL_MARK}: {claim} [{detail}]{RESET}")
-    _record(claim, measured, bound, "FAILED")
-    raise ClaimFailed(f"{claim}: {detail}")
+    if _claim_mode() == "record":
+        print(f"{RED}{FAIL_MARK}: {claim} [{detail}] (recorded for the ledger; the notebook goes on){RESET}")
+        record("FAILED", "recorded for the ledger")
+        return False
+    if always or _seed_is_calibrated():
+        print(f"{RED}{FAIL_MARK}: {claim} [{detail}]{RESET}")
+        record("FAILED")
+        raise ClaimFailed(f"{claim}: {detail}")
+    note = f"seed {_state['seed']} is not one the ledger calibrated; {_ledger_range(claim, occurrence)}"
+    print(f"{RED}{FAIL_MARK}: {claim} [{detail}] — {note} (the notebook goes on){RESET}")
+    record("FAILED", note)
+    return False
 
 
 def _fmt(x: float) -> str:
@@ -148,31 +228,42 @@ def _fmt(x: float) -> str:
 
 
 def at_least(value: float, bound: float, claim: str, *, always: bool = False) -> bool:
-    return _report(value >= bound, claim, f"{_fmt(value)} ≥ {_fmt(bound)}", always, _fmt(value), f"≥ {_fmt(bound)}")
+    measure = Measure("at_least", value, low=bound, margin=value - bound)
+    return _report(value >= bound, claim, f"{_fmt(value)} ≥ {_fmt(bound)}", always, measure, _fmt(value),
+                   f"≥ {_fmt(bound)}")
 
 
 def at_most(value: float, bound: float, claim: str, *, always: bool = False) -> bool:
-    return _report(value <= bound, claim, f"{_fmt(value)} ≤ {_fmt(bound)}", always, _fmt(value), f"≤ {_fmt(bound)}")
+    measure = Measure("at_most", value, high=bound, margin=bound - value)
+    return _report(value <= bound, claim, f"{_fmt(value)} ≤ {_fmt(bound)}", always, measure, _fmt(value),
+                   f"≤ {_fmt(bound)}")
 
 
 def between(value: float, low: float, high: float, claim: str, *, always: bool = False) -> bool:
-    return _report(low <= value <= high, claim, f"{_fmt(low)} ≤ {_fmt(value)} ≤ {_fmt(high)}", always,
+    measure = Measure("between", value, low, high, min(value - low, high - value))
+    return _report(low <= value <= high, claim, f"{_fmt(low)} ≤ {_fmt(value)} ≤ {_fmt(high)}", always, measure,
                    _fmt(value), f"in [{_fmt(low)}, {_fmt(high)}]")
 
 
 def greater(a: float, b: float, claim: str, *, margin: float = 0.0, always: bool = False) -> bool:
+    """``a > b + margin``; the ledger records the gap ``a − b`` against ``margin``."""
     detail = f"{_fmt(a)} > {_fmt(b)} + {_fmt(margin)}"
     bound = f"> {_fmt(b)}" + (f" + {_fmt(margin)}" if margin else "")
-    return _report(a > b + margin, claim, detail, always, _fmt(a), bound)
+    measure = Measure("greater", a - b, low=margin, margin=a - b - margin)
+    return _report(a > b + margin, claim, detail, always, measure, _fmt(a), bound)
 
 
 def close(a: float, b: float, claim: str, *, rtol: float = 1e-5, atol: float = 0.0,
           always: bool = False) -> bool:
+    """``math.isclose(a, b)``; the ledger records ``a`` against ``b ± max(rtol·max(|a|, |b|), atol)``."""
     ok = math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
-    return _report(ok, claim, f"{_fmt(a)} ≈ {_fmt(b)} (rtol={rtol:g}, atol={atol:g})", always,
+    tol = max(rtol * max(abs(a), abs(b)), atol)
+    measure = Measure("close", a, b - tol, b + tol, tol - abs(a - b))
+    return _report(ok, claim, f"{_fmt(a)} ≈ {_fmt(b)} (rtol={rtol:g}, atol={atol:g})", always, measure,
                    _fmt(a), f"≈ {_fmt(b)} (rtol={rtol:g}, atol={atol:g})")
 
 
 def true(condition: bool, claim: str, detail: str = "", *, always: bool = False) -> bool:
-    return _report(bool(condition), claim, detail or str(bool(condition)), always, detail or str(bool(condition)),
-                   "true")
+    measure = Measure("true", float(bool(condition)), low=1.0)
+    return _report(bool(condition), claim, detail or str(bool(condition)), always, measure,
+                   detail or str(bool(condition)), "true")

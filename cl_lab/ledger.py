@@ -1,0 +1,398 @@
+"""The claims ledger: every claim of every chapter, measured at seeds 0–9, kept as data in ``ledger/``.
+
+One CSV per chapter (``ledger/NN_<stem>.csv``), one row per claim and seed, written by
+``bash scripts/preflight.sh --seeds 0-9 --ledger``. From it:
+
+    python -m cl_lab.ledger page           # docs/ledger.md: per claim, min / median / max, failing seeds, margin
+    python -m cl_lab.ledger missing        # claims in the notebooks that the ledger has never measured
+
+In a chapter, ``spread("08", claim)`` gives the per-seed values and ``strip_plot("08", [claim, ...])`` draws
+them, read from the ledger without re-running. ``cl_lab.check`` asks ``calibrated_seeds`` whether a failed
+claim should raise (a seed the ledger holds) or print the ledger's range and let the notebook go on.
+
+Columns, in the claim's units (``cl_lab.check.ClaimRecord``): ``value`` is what was measured (for ``greater``
+the gap a − b), ``low`` / ``high`` its bounds (empty: none), ``margin`` the room to the nearest bound (negative:
+failed). ``notebook_hash`` fingerprints the chapter's code cells, so a changed chapter is measured again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import hashlib
+import json
+import math
+import re
+import statistics
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LEDGER_DIR = ROOT / "ledger"
+NOTEBOOKS = ROOT / "notebooks"
+PAGE = ROOT / "docs" / "ledger.md"
+DEFAULT_SEEDS = tuple(range(10))  # the seeds a chapter counts as calibrated at until its ledger exists
+FIELDS = ("seed", "notebook_hash", "order", "claim", "occurrence", "kind", "always", "value", "low", "high",
+          "margin", "status", "measured", "bound", "note")
+CHECKS = {"at_least": 2, "at_most": 2, "between": 3, "greater": 2, "close": 2, "true": 1}  # claim's position
+
+
+# --- reading and writing the CSV files ------------------------------------------------------------------------
+
+def ledger_path(chapter: str, ledger_dir: Path | None = None) -> Path | None:
+    """The ledger file of ``chapter`` ("07" or "07_classil_head_bias"), or None when there is none yet."""
+    matches = sorted((ledger_dir or LEDGER_DIR).glob(f"{chapter[:2]}_*.csv"))
+    return matches[0] if matches else None
+
+
+def _number(text: str) -> float:
+    return float(text) if text else math.nan
+
+
+def _cell(value) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def read(chapter: str, ledger_dir: Path | None = None) -> list[dict]:
+    """Every row of ``chapter``'s ledger with numbers as numbers ([] when it has no ledger yet)."""
+    path = ledger_path(chapter, ledger_dir)
+    if path is None:
+        return []
+    with open(path, newline="", encoding="utf-8") as source:
+        rows = list(csv.DictReader(source))
+    for row in rows:
+        row["seed"], row["order"], row["occurrence"] = int(row["seed"]), int(row["order"]), int(row["occurrence"])
+        row["always"] = row["always"] == "True"
+        for key in ("value", "low", "high", "margin"):
+            row[key] = _number(row[key])
+    return rows
+
+
+def write_rows(path: Path, rows: Iterable[dict]) -> None:
+    """Write ``rows`` to ``path`` sorted by seed, then by the order the chapter checked them (atomically)."""
+    rows = sorted(rows, key=lambda r: (int(r["seed"]), int(r["order"])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".csv.partial")
+    with open(partial, "w", newline="", encoding="utf-8") as sink:
+        writer = csv.DictWriter(sink, FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: _cell(r[k]) for k in FIELDS} for r in rows)
+    partial.replace(path)
+
+
+def rows_from_records(records_json: Path, seed: int, notebook_hash: str) -> list[dict]:
+    """The ledger rows of one run, from the JSON that ``check`` wrote under ``CL_LAB_LEDGER_OUT``."""
+    records = json.loads(records_json.read_text(encoding="utf-8"))
+    return [{**{k: r[k] for k in FIELDS if k in r}, "seed": seed, "notebook_hash": notebook_hash, "order": i}
+            for i, r in enumerate(records)]
+
+
+def store(path: Path, seed: int, rows: list[dict]) -> None:
+    """Put one run's rows into the ledger file ``path``, replacing what it held for ``seed``."""
+    kept = []
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as source:
+            kept = [r for r in csv.DictReader(source) if int(r["seed"]) != seed]
+    write_rows(path, kept + rows)
+
+
+def has_run(path: Path, seed: int, notebook_hash: str) -> bool:
+    """Whether ``path`` already holds ``seed`` measured on the notebook with this hash (a resumed run skips it)."""
+    if not path.exists():
+        return False
+    with open(path, newline="", encoding="utf-8") as source:
+        return any(int(r["seed"]) == seed and r["notebook_hash"] == notebook_hash for r in csv.DictReader(source))
+
+
+def notebook_hash(path: Path) -> str:
+    """A fingerprint of a notebook's code cells (prose edits do not change what the claims measure)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    code = "\n\x00".join(c.source for c in nb.cells if c.cell_type == "code")
+    return hashlib.sha256(code.encode("utf-8")).hexdigest()[:12]
+
+
+# --- what the checks and the chapters read -------------------------------------------------------------------
+
+def calibrated_seeds(chapter: str, ledger_dir: Path | None = None) -> frozenset[int]:
+    """The seeds ``chapter``'s ledger holds; seeds 0–9 while it has no ledger yet."""
+    rows = read(chapter, ledger_dir)
+    return frozenset(r["seed"] for r in rows) if rows else frozenset(DEFAULT_SEEDS)
+
+
+def spread(chapter: str, claim: str, occurrence: int = 0, ledger_dir: Path | None = None) -> dict[int, float]:
+    """{seed: measured value} of one claim (its ``occurrence``-th check in its cell), from the ledger."""
+    values = {r["seed"]: r["value"] for r in read(chapter, ledger_dir)
+              if r["claim"] == claim and r["occurrence"] == occurrence and r["status"] != "skipped"}
+    if not values:
+        raise KeyError(f"the ledger of chapter {chapter} has no claim {claim!r} (occurrence {occurrence}); "
+                       "run: bash scripts/preflight.sh --seeds 0-9 --ledger " + chapter[:2])
+    return dict(sorted(values.items()))
+
+
+def seed_span(seeds: Iterable[int]) -> str:
+    """0, 1, 2, 3, 5 → "0–3, 5"."""
+    seeds, parts = sorted(set(seeds)), []
+    for s in seeds:
+        if parts and s == parts[-1][1] + 1:
+            parts[-1][1] = s
+        else:
+            parts.append([s, s])
+    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in parts)
+
+
+def describe_range(chapter: str, claim: str, occurrence: int = 0, ledger_dir: Path | None = None) -> str:
+    """"seeds 0–9 gave 0.14–0.31": what the ledger measured for a claim, for a failure at another seed."""
+    try:
+        values = spread(chapter, claim, occurrence, ledger_dir)
+    except KeyError:
+        return "the ledger has not measured this claim yet"
+    return f"seeds {seed_span(values)} gave {_fmt(min(values.values()))}–{_fmt(max(values.values()))}"
+
+
+def strip_plot(chapter: str, claims: list[str], ax=None, ledger_dir: Path | None = None):
+    """One row per claim: a dot per seed from the ledger, the claim's bound(s) dashed, failing seeds red."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 0.6 + 0.5 * len(claims)))
+    rows = read(chapter, ledger_dir)
+    for y, claim in enumerate(claims):
+        mine = [r for r in rows if r["claim"] == claim and r["occurrence"] == 0 and r["status"] != "skipped"]
+        if not mine:
+            raise KeyError(f"the ledger of chapter {chapter} has no claim {claim!r}")
+        ax.scatter([r["value"] for r in mine], [y] * len(mine), s=22, zorder=3,
+                   c=["tab:red" if r["status"] == "FAILED" else "tab:blue" for r in mine])
+        for key in ("low", "high"):
+            bounds = {r[key] for r in mine if not math.isnan(r[key])}
+            if len(bounds) == 1:  # a fixed bound; a bound that moves with the seed (greater's b) is in the margin
+                ax.plot([bounds.pop()] * 2, [y - 0.3, y + 0.3], "k--", lw=1)
+    ax.set_yticks(range(len(claims)), [_shorten(c) for c in claims])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"measured at seeds {seed_span(r['seed'] for r in rows)} (dashed: the claim's bound)")
+    return ax
+
+
+def _shorten(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _fmt(x: float) -> str:
+    return "—" if math.isnan(x) else f"{x:.3g}"
+
+
+# --- the page ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class ClaimSummary:
+    """One claim over the seeds the ledger holds."""
+
+    claim: str
+    occurrence: int
+    kind: str
+    always: bool
+    values: dict[int, float]
+    failed: list[int]
+    worst_margin: float  # the smallest margin over the seeds (negative: failed somewhere)
+    sd: float  # standard deviation of the measured value over the seeds
+    bound: str
+
+    @property
+    def margin_in_sd(self) -> float:
+        """The worst margin in standard deviations of the value (inf when the value does not move)."""
+        if math.isnan(self.worst_margin):
+            return math.nan
+        if self.sd == 0:
+            return math.copysign(math.inf, self.worst_margin) if self.worst_margin else 0.0
+        return self.worst_margin / self.sd
+
+    def sort_key(self) -> tuple:
+        relative = self.margin_in_sd
+        return (self.always, -len(self.failed), math.inf if math.isnan(relative) else relative, self.worst_margin)
+
+
+def _bound_text(rows: list[dict]) -> str:
+    """The bound in the claim's units, e.g. "≥ 0.9", "in [3, 8]", "a − b > 0.1"; a moving bound as its range."""
+    kind = rows[0]["kind"]
+
+    def side(key: str) -> str:
+        found = sorted({r[key] for r in rows if not math.isnan(r[key])})
+        if not found:
+            return ""
+        return _fmt(found[0]) if len(found) == 1 else f"{_fmt(found[0])}…{_fmt(found[-1])}"
+
+    low, high = side("low"), side("high")
+    return {"at_least": f"≥ {low}", "at_most": f"≤ {high}", "between": f"in [{low}, {high}]",
+            "greater": f"a − b > {low}", "close": f"in [{low}, {high}]", "true": "true"}.get(kind, rows[0]["bound"])
+
+
+def summarize(rows: list[dict]) -> list[ClaimSummary]:
+    """Each claim's summary over its seeds, failing and thinnest-margin claims first (identities last)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        if r["status"] != "skipped":
+            groups.setdefault((r["claim"], r["occurrence"]), []).append(r)
+    out = []
+    for (claim, occurrence), mine in groups.items():
+        values = {r["seed"]: r["value"] for r in mine}
+        margins = [r["margin"] for r in mine if not math.isnan(r["margin"])]
+        out.append(ClaimSummary(
+            claim, occurrence, mine[0]["kind"], mine[0]["always"], values,
+            sorted(r["seed"] for r in mine if r["status"] == "FAILED"), min(margins) if margins else math.nan,
+            statistics.pstdev(values.values()) if len(values) > 1 else 0.0, _bound_text(mine)))
+    return sorted(out, key=ClaimSummary.sort_key)
+
+
+def _markdown(text: str) -> str:
+    """A claim sentence safe inside a Markdown table cell (no table breaks, HTML, emphasis or math)."""
+    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
+    return re.sub(r"([*_$`\[\]])", r"\\\1", text)
+
+
+def chapter_section(stem: str, rows: list[dict], current_hash: str | None) -> list[str]:
+    seeds = sorted({r["seed"] for r in rows})
+    stale = sorted({r["seed"] for r in rows if current_hash and r["notebook_hash"] != current_hash})
+    claims = summarize(rows)
+    failing = sum(bool(c.failed) for c in claims)
+    lines = [f"## [{stem}](../notebooks/{stem}.ipynb)", "",
+             f"Seeds {seed_span(seeds)} ({len(seeds)} runs); {len(claims)} claims, {failing} failing at some seed."]
+    if stale:
+        lines[-1] += (f" Seeds {seed_span(stale)} ran an older version of the notebook: run the ledger again "
+                      "to measure the current one.")
+    lines += ["", "| claim | bound | min | median | max | failed at seeds | worst margin | margin / sd |",
+              "|---|---|---|---|---|---|---|---|"]
+    for c in claims:
+        values = list(c.values.values())
+        name = _markdown(c.claim) + (f" (check {c.occurrence + 1})" if c.occurrence else "")
+        name += " ≡" if c.always else ""
+        short = f" (measured at {len(values)} of {len(seeds)} seeds)" if len(values) < len(seeds) else ""
+        relative = "—" if math.isnan(c.margin_in_sd) or math.isinf(c.margin_in_sd) else f"{c.margin_in_sd:.1f}"
+        lines.append(f"| {name}{short} | {_markdown(c.bound)} | {_fmt(min(values))} | "
+                     f"{_fmt(statistics.median(values))} | {_fmt(max(values))} | {seed_span(c.failed) or 'none'} | "
+                     f"{_fmt(c.worst_margin)} | {relative} |")
+    return lines + [""]
+
+
+INTRO = """# The claims ledger
+
+Every quantitative sentence of the workbook is a `check.*` call. This page is generated from `ledger/`, where
+`bash scripts/preflight.sh --seeds 0-9 --ledger` records what each claim measured at each seed; regenerate it
+with `python -m cl_lab.ledger page`.
+
+Per chapter, one row per claim: the bound, the measured value's min / median / max over the seeds, the seeds
+where the claim failed, and the worst seed's margin to the bound, in the claim's units (negative: it failed
+there). *margin / sd* divides that margin by the value's standard deviation over the seeds: a lesson claim
+should keep at least 1. For `greater` the value is the gap a − b. ≡ marks an exact identity. Failing and
+thinnest-margin claims come first.
+"""
+
+
+def page(ledger_dir: Path | None = None, notebooks: Path | None = None) -> str:
+    """The Markdown of docs/ledger.md from every chapter's ledger file."""
+    ledger_dir, notebooks = ledger_dir or LEDGER_DIR, notebooks or NOTEBOOKS
+    files = sorted(ledger_dir.glob("[0-9][0-9]_*.csv"))
+    lines = [INTRO]
+    if not files:
+        lines.append("No chapter has a ledger yet: run `bash scripts/preflight.sh --seeds 0-9 --ledger`.\n")
+    for path in files:
+        notebook = notebooks / f"{path.stem}.ipynb"
+        current = notebook_hash(notebook) if notebook.exists() else None
+        lines += chapter_section(path.stem, read(path.stem, ledger_dir), current)
+    chapters = sorted(notebooks.glob("[0-9][0-9]_*.ipynb"))
+    missing = [p.stem for p in chapters if not (ledger_dir / f"{p.stem}.csv").exists()]
+    if files and missing:
+        lines.append(f"Not in the ledger yet: {', '.join(missing)}.\n")
+    return "\n".join(lines)
+
+
+# --- claims found in the notebooks, for the test that every claim is in the ledger ------------------------------
+
+@dataclass(frozen=True)
+class StaticClaim:
+    """A claim sentence as written at a ``check.*`` call: exact text, or a pattern for an f-string."""
+
+    text: str  # the sentence, f-string fields shown as {…}
+    pattern: re.Pattern
+
+    def matches(self, claim: str) -> bool:
+        return self.pattern.fullmatch(claim) is not None
+
+
+def _claim_argument(call: ast.Call) -> ast.expr | None:
+    position = CHECKS[call.func.attr]
+    for keyword in call.keywords:
+        if keyword.arg == "claim":
+            return keyword.value
+    return call.args[position] if len(call.args) > position else None
+
+
+def _static_claim(node: ast.expr) -> StaticClaim | None:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return StaticClaim(node.value, re.compile(re.escape(node.value), re.DOTALL))
+    if isinstance(node, ast.JoinedStr):
+        text, pattern = "", ""
+        for part in node.values:
+            if isinstance(part, ast.Constant):
+                text, pattern = text + part.value, pattern + re.escape(part.value)
+            else:
+                text, pattern = text + "{…}", pattern + ".+?"
+        return StaticClaim(text, re.compile(pattern, re.DOTALL))
+    return None  # a sentence held in a variable or built by a call: not checked statically
+
+
+def static_claims(notebook: Path) -> list[StaticClaim]:
+    """The claims of a notebook's ``check.<fn>(…, "sentence")`` calls whose sentence is a string literal or an
+    f-string (an f-string's fields match any text). Magic lines (%, !) are ignored; a sentence passed in a
+    variable cannot be read statically and is left out."""
+    import nbformat
+
+    found = []
+    for cell in nbformat.read(notebook, as_version=4).cells:
+        if cell.cell_type != "code":
+            continue
+        source = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(source)):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "check"
+                    and node.func.attr in CHECKS):
+                argument = _claim_argument(node)
+                claim = _static_claim(argument) if argument is not None else None
+                if claim is not None:
+                    found.append(claim)
+    return found
+
+
+def missing_claims(notebook: Path, ledger_dir: Path | None = None) -> list[str]:
+    """The notebook's claims (``static_claims``) that no row of its ledger matches."""
+    measured = {r["claim"] for r in read(notebook.stem, ledger_dir)}
+    return [c.text for c in static_claims(notebook) if not any(c.matches(m) for m in measured)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("page", "missing"))
+    parser.add_argument("--out", type=Path, default=PAGE, help="where the page goes (default docs/ledger.md)")
+    args = parser.parse_args(argv)
+    if args.command == "page":
+        args.out.write_text(page(), encoding="utf-8")
+        print(f"written to {args.out}")
+        return 0
+    missing = {p.stem: missing_claims(p) for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+               if ledger_path(p.stem) is not None}
+    for stem, claims in missing.items():
+        print(f"{stem}: " + ("every claim is in the ledger" if not claims else f"{len(claims)} missing"))
+        for claim in claims:
+            print(f"  {claim}")
+    return 1 if any(missing.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
