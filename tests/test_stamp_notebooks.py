@@ -1,5 +1,6 @@
 """scripts/stamp_notebooks.py on copies of the chapters: idempotent, papermill still finds the parameters, the Colab
-cell does nothing outside Colab and installs from a clone inside it, and the claims report ends each chapter."""
+badge opens each chapter and the README's table, the Colab cell does nothing outside Colab and installs from a clone
+inside it, and the claims report ends each chapter."""
 
 import importlib.util
 import json
@@ -49,7 +50,12 @@ def test_stamping_twice_is_stamping_once(stamped):
 
 
 def _unstamped(cells) -> list:
-    return [c for c in cells if not set(_tags(c)) & {stamper.COLAB_TAG, stamper.REPORT_TAG}]
+    """The cells the stamp does not own, with the Colab badge taken off the markdown."""
+    kept = [nbformat.from_dict(c) for c in cells if not set(_tags(c)) & {stamper.COLAB_TAG, stamper.REPORT_TAG}]
+    for cell in kept:
+        if cell.cell_type == "markdown":
+            cell.source = stamper.without_badge(cell.source)
+    return kept
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -66,6 +72,44 @@ def test_stamped_chapter_keeps_its_shape_and_parameters(stamped, path):
     assert not any(c.outputs or c.execution_count for c in code)
     assert nb.metadata.kernelspec.name == "python3"
     assert pm.inspect_notebook(str(stamped / path.name)) == pm.inspect_notebook(str(path))
+    first_markdown = next(c for c in nb.cells if c.cell_type == "markdown")
+    assert first_markdown.source.startswith(stamper.colab_badge(path.name) + "\n\n# "), "badge, then the title"
+    assert sum("colab-badge.svg" in c.source for c in nb.cells if c.cell_type == "markdown") == 1
+
+
+def test_badge_links_the_chapter_on_the_main_branch_and_replaces_an_older_one():
+    badge = stamper.colab_badge("04_replay.ipynb")
+    assert badge == ("[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+                     "(https://colab.research.google.com/github/cl-lab/cl-lab/blob/main/notebooks/04_replay.ipynb)")
+    older = "[![Open In Colab](https://x/badge.svg)](https://colab.research.google.com/github/old/fork/x.ipynb)\n\n# 04"
+    assert stamper.with_badge(older, "04_replay.ipynb") == f"{badge}\n\n# 04"
+    assert stamper.with_badge(stamper.with_badge("# 04", "04_replay.ipynb"), "04_replay.ipynb") == f"{badge}\n\n# 04"
+
+
+def test_a_repository_url_colab_cannot_open_is_an_error(monkeypatch):
+    monkeypatch.setattr(stamper, "REPOSITORY_URL", "git@github.com:cl-lab/cl-lab.git")
+    with pytest.raises(ValueError, match="REPOSITORY_URL"):
+        stamper.colab_badge("01_forgetting.ipynb")
+
+
+def test_readme_table_gets_a_colab_column_once_and_keeps_its_cells():
+    readme = ("# x\n\n| chapter | what it teaches | CPU time | status |\n|---|---|---|---|\n"
+              "| [01_forgetting](notebooks/01_forgetting.ipynb) | why | 80 s | ready |\n\nafter\n")
+    once = stamper.stamp_readme(readme)
+    assert stamper.stamp_readme(once) == once
+    assert once.splitlines()[2:5] == [
+        "| chapter | Colab | what it teaches | CPU time | status |", "|---|---|---|---|---|",
+        f"| [01_forgetting](notebooks/01_forgetting.ipynb) | {stamper.colab_badge('01_forgetting.ipynb')} | why | "
+        "80 s | ready |"]
+
+
+def test_committed_readme_has_one_badge_per_chapter_row():
+    readme = stamper.README.read_text(encoding="utf-8")
+    assert stamper.stamp_readme(readme) == readme, "run: python scripts/stamp_notebooks.py"
+    rows = [line for line in readme.splitlines() if line.startswith("| [") and "](notebooks/" in line]
+    assert len(rows) == len(NOTEBOOKS)
+    for row, path in zip(rows, NOTEBOOKS):
+        assert row.count("colab-badge.svg") == 1 and stamper.colab_badge(path.name) in row
 
 
 def test_colab_cell_does_nothing_outside_colab(monkeypatch):
