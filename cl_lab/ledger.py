@@ -254,7 +254,7 @@ def summarize(rows: list[dict]) -> list[ClaimSummary]:
 def _markdown(text: str) -> str:
     """A claim sentence safe inside a Markdown table cell (no table breaks, HTML, emphasis or math)."""
     text = text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
-    return re.sub(r"([*_$`\[\]])", r"\\\1", text)
+    return re.sub(r"([*_$`])", r"\\\1", text)
 
 
 def chapter_section(stem: str, rows: list[dict], current_hash: str | None) -> list[str]:
@@ -265,8 +265,8 @@ def chapter_section(stem: str, rows: list[dict], current_hash: str | None) -> li
     lines = [f"## [{stem}](../notebooks/{stem}.ipynb)", "",
              f"Seeds {seed_span(seeds)} ({len(seeds)} runs); {len(claims)} claims, {failing} failing at some seed."]
     if stale:
-        lines[-1] += (f" Seeds {seed_span(stale)} ran an older version of the notebook: run the ledger again "
-                      "to measure the current one.")
+        which = f"{'Seed' if len(stale) == 1 else 'Seeds'} {seed_span(stale)}"
+        lines[-1] += f" {which} ran an older version of the notebook: run the ledger again to measure the current one."
     lines += ["", "| claim | bound | min | median | max | failed at seeds | worst margin | margin / sd |",
               "|---|---|---|---|---|---|---|---|"]
     for c in claims:
