@@ -5,7 +5,10 @@
 
 Two sources: the drill questions in the notebooks (markdown headed **L1.**, **L2.**, **L3.**, or <b>L1.</b> inside
 a <details> summary; one cell per question or many in one cell), and docs/question_map.yml, the hand-kept map
-of the questions the source notes raise. Each link points at a notebook and a section heading in it.
+of the questions the source notes raise. Each link points at a notebook and a section heading in it; a drill
+question also links to its own cell, ``NN_x.ipynb#cell-id=<the cell's id>``: JupyterLab 4 opens the
+notebook scrolled to that cell, and the book (scripts/build_book.py) gives the cell that anchor. Markdown headings
+get anchors, bold paragraphs do not, and the cell id needs no edit to the notebooks.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class DrillQuestion:
     text: str
     answered_in: Target
     see_also: list[Target] = field(default_factory=list)
+    cell_id: str = ""
 
 
 def heading_text(markdown_heading: str) -> str:
@@ -93,7 +97,7 @@ def drill_questions(chapter: Chapter) -> list[DrillQuestion]:
     nb = nbformat.read(chapter.path, as_version=4)
     current, found = chapter.title, []
     numbered = {m.group(1): h for h in chapter.headings if (m := re.match(r"(\d+)\s*·", h))}  # "3 · …" by "3"
-    for cell in (c for c in nb.cells if c.cell_type == "markdown"):
+    for index, cell in ((i, c) for i, c in enumerate(nb.cells) if c.cell_type == "markdown"):
         marks = sorted([(m.start(), "h", m) for m in _HEADING.finditer(cell.source)]
                        + [(m.start(), "q", m) for m in _DRILL.finditer(cell.source)], key=lambda x: x[0])
         for i, (_, kind, m) in enumerate(marks):
@@ -102,14 +106,23 @@ def drill_questions(chapter: Chapter) -> list[DrillQuestion]:
                 continue
             answer = cell.source[m.end():marks[i + 1][0] if i + 1 < len(marks) else len(cell.source)]
             cited = list(dict.fromkeys(numbered[n] for n in _SECTION_REF.findall(answer) if n in numbered))
+            if not cell.get("id"):
+                raise LookupError(f"{chapter.path.name} cell {index} has no id (nbformat 4.5 gives every cell one): "
+                                  "read and write the notebook with nbformat to add them")
             found.append(DrillQuestion(m.group(1), _question_text(cell.source, m.end()), Target(chapter, current),
-                                       [Target(chapter, h) for h in cited]))
+                                       [Target(chapter, h) for h in cited], cell.id))
     return found
 
 
 def link(target: Target, label: str) -> str:
     rel = f"../notebooks/{target.chapter.path.name}"
     return f"[{label}]({rel}#{jupyterlab_anchor(target.heading)})"
+
+
+def question_link(chapter: Chapter, question: DrillQuestion) -> str:
+    """The question's text, linked to its own cell (JupyterLab's ``#cell-id=`` fragment)."""
+    label = re.sub(r"([\[\]])", r"\\\1", question.text)
+    return f"[{label}](../notebooks/{chapter.path.name}#cell-id={question.cell_id})"
 
 
 def _cell(text: str) -> str:
@@ -149,8 +162,8 @@ def render(found: dict[str, Chapter] | None = None, mapping: Path = MAP) -> str:
              "| id | question | answered in |", "|---|---|---|", *source_rows(entries, found), ""]
     drills = {n: drill_questions(c) for n, c in found.items()}
     lines += [f"## Interview drill, chapter by chapter ({sum(map(len, drills.values()))} questions)", "",
-              "Each answer is folded under its question in the chapter's drill; *see also* points at the sections "
-              "the answer cites.", ""]
+              "Each question links to its own cell (in JupyterLab and in the book), where its answer is folded under "
+              "it; *answered in* is the drill's section, and *see also* points at the sections the answer cites.", ""]
     for number, chapter in found.items():
         lines += [f"### [{chapter.title}](../notebooks/{chapter.path.name})", ""]
         if not drills[number]:
@@ -159,7 +172,8 @@ def render(found: dict[str, Chapter] | None = None, mapping: Path = MAP) -> str:
         lines += ["| level | question | answered in | see also |", "|---|---|---|---|"]
         for q in drills[number]:
             also = ", ".join(link(t, t.heading) for t in q.see_also) or "—"
-            lines.append(f"| {q.level} | {_cell(q.text)} | {link(q.answered_in, q.answered_in.heading)} | {also} |")
+            lines.append(f"| {q.level} | {_cell(question_link(chapter, q))} | "
+                         f"{link(q.answered_in, q.answered_in.heading)} | {also} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -30,15 +30,32 @@ def test_index_is_up_to_date():
     assert INDEX.read_text(encoding="utf-8") == qi.render(), "run: python scripts/question_index.py"
 
 
-def test_every_link_lands_on_a_section_of_an_existing_notebook():
+def test_every_link_lands_on_a_section_or_a_cell_of_an_existing_notebook():
+    import nbformat
+
     found = {c.path.name: c for c in qi.chapters().values()}
     links = LINK.findall(INDEX.read_text(encoding="utf-8"))
     assert len(links) > 50
+    assert sum(fragment.startswith("cell-id=") for _, fragment in links) > 50
     for rel, fragment in links:
         path = (INDEX.parent / rel).resolve()
         assert path.exists(), f"{rel}: no such notebook"
+        if fragment.startswith("cell-id="):
+            ids = {c.id for c in nbformat.read(path, as_version=4).cells}
+            assert fragment.removeprefix("cell-id=") in ids, f"{rel}#{fragment}: no cell with that id"
+            continue
         anchors = {unquote(qi.jupyterlab_anchor(h)) for h in found[path.name].headings}
         assert unquote(fragment) in anchors, f"{rel}#{fragment}: no such section heading"
+
+
+def test_each_drill_question_links_to_the_cell_that_asks_it():
+    import nbformat
+
+    for chapter in qi.chapters().values():
+        cells = {c.id: c.source for c in nbformat.read(chapter.path, as_version=4).cells}
+        for q in qi.drill_questions(chapter):
+            assert q.text.split()[0] in cells[q.cell_id] and q.level in cells[q.cell_id], (chapter.number, q.text)
+            assert f"#cell-id={q.cell_id})" in qi.question_link(chapter, q)
 
 
 def test_source_questions_cover_l1_to_l3_with_follow_ups_and_d1_to_d8():
@@ -54,7 +71,8 @@ def test_every_drill_question_is_listed():
     text = INDEX.read_text(encoding="utf-8")
     questions = [q for c in qi.chapters().values() for q in qi.drill_questions(c)]
     assert questions, "no drill question found in any notebook"
-    missing = [q.text for q in questions if f"| {q.level} | {qi._cell(q.text)} |" not in text]
+    missing = [q.text for c in qi.chapters().values() for q in qi.drill_questions(c)
+               if f"| {q.level} | {qi._cell(qi.question_link(c, q))} |" not in text]
     assert not missing
 
 
@@ -69,11 +87,14 @@ def test_drill_questions_in_one_long_cell_and_one_per_cell(tmp_path):
                 nbformat.v4.new_markdown_cell("**L3.** Third?\n<details><summary>Answer</summary>x</details>")]
     nbformat.write(nb, tmp_path / "01_demo.ipynb")
     chapter = qi.chapters(tmp_path)["01"]
-    got = [(q.level, q.text, q.answered_in.heading, [t.heading for t in q.see_also])
+    got = [(q.level, q.text, q.answered_in.heading, [t.heading for t in q.see_also], q.cell_id)
            for q in qi.drill_questions(chapter)]
-    assert got == [("L1", "First?", "Interview drill", ["2 · Mechanism"]),
-                   ("L2", "Second, over two lines?", "Interview drill", []),
-                   ("L3", "Third?", "Interview drill", [])]
+    drill, third = nb.cells[2].id, nb.cells[3].id
+    assert got == [("L1", "First?", "Interview drill", ["2 · Mechanism"], drill),
+                   ("L2", "Second, over two lines?", "Interview drill", [], drill),
+                   ("L3", "Third?", "Interview drill", [], third)]
+    link = qi.question_link(chapter, qi.drill_questions(chapter)[2])
+    assert link == f"[Third?](../notebooks/01_demo.ipynb#cell-id={third})"
 
 
 def test_a_renamed_section_is_reported_not_linked():
