@@ -190,3 +190,96 @@ def test_unknown_targets_and_where_are_named(lab):
         lora_lm(lab.model)
     with pytest.raises(TypeError, match="method"):
         ThroughAdapters("replay")
+
+
+# ---------------------------------------------------------------- chapter 09's optimizer null
+
+
+@pytest.fixture(scope="module")
+def knowing_lab():
+    """A tiny LM trained long enough to recall a few dozen facts: the null draws only facts the LM knows."""
+    return tiny_lm(0, progress=False, use_cache=False, n_layer=2, n_head=2, n_embd=32, n_subjects=40, n_general=100,
+                   n_general_test=20, steps=300, batch_size=32, lr=1e-2, warmup=10)
+
+
+@pytest.fixture(scope="module")
+def chapter_stream(knowing_lab):
+    from cl_lab.chapters import ch09
+
+    return ch09.lm_stream(knowing_lab, (("subjects", 2), ("relation", 3), ("format", 4)), n_pretrained=40, seed=1)
+
+
+def test_null_stream_trains_known_facts_apart_from_the_scored_ones(knowing_lab, chapter_stream):
+    from cl_lab.chapters import ch09
+    from cl_lab.lm import nulls, recall
+
+    null = ch09.null_stream(knowing_lab, chapter_stream, seed=0)
+    scored = nulls.fact_keys(chapter_stream.eval_tasks[0].train_facts)
+    keys = [nulls.fact_keys(t.train_facts) for t in null.tasks]
+    assert null.eval_tasks[0] is chapter_stream.eval_tasks[0] and len(null.tasks) == len(chapter_stream.tasks)
+    assert all(not (k & scored) for k in keys) and not (keys[0] & keys[1]) and not (keys[1] & keys[2])
+    assert [len(k) for k in keys] == [8, 3, 1]  # the chapter's prompts over the 4 renderings per fact, rounded
+    assert ch09.renderings_per_fact(knowing_lab.world) == 4
+    assert all(recall(knowing_lab.model, knowing_lab.tokenizer, t.train_facts) == 1.0 for t in null.tasks)
+    assert {t.x_train.shape[1] for t in null.eval_tasks} == {chapter_stream.input_shape[0]}
+    assert ch09.null_stream(knowing_lab, chapter_stream, seed=0).tasks[0].train_facts == null.tasks[0].train_facts
+
+
+def test_null_run_trains_like_the_learners_and_scores_the_same_facts(knowing_lab, chapter_stream):
+    from cl_lab.chapters import ch09
+
+    null = ch09.null_stream(knowing_lab, chapter_stream, seed=0)
+    run = ch09.null_run(knowing_lab, null, "shared LoRA", rank=2, alpha=4.0, steps=3, lr=1e-2, max_facts=10)
+    learner = ch09.run_setup(knowing_lab, chapter_stream, "shared LoRA", rank=2, alpha=4.0, steps=3, lr=1e-2,
+                             max_facts=10)
+    assert run.R.shape == (3, 4) and run.b[0] == learner.run.b[0]  # the same scored facts, from the same LM
+    assert run.config["steps"] == 3 and run.config["lr"] == 1e-2 and run.config["optimizer"] == "adam"
+    with pytest.raises(ValueError, match="shared learner"):
+        ch09.null_run(knowing_lab, null, "per-task LoRA")
+
+
+def test_schedule_sets_chapter_13_s_learning_rate_at_every_step_of_every_task(knowing_lab, chapter_stream):
+    from cl_lab.chapters import ch09
+    from cl_lab.lm import cpt
+    from cl_lab.methods.base import Method
+
+    seen = []
+
+    class Spy(Method):
+        def before_step(self, ctx):
+            seen.append((ctx.task_index, ctx.task_step, ctx.optimizer.param_groups[0]["lr"]))
+
+    null = ch09.null_stream(knowing_lab, chapter_stream, seed=0)
+    train.fit(knowing_lab.copy().as_classifier(), null, [ch09.Schedule(5, warmup=0.4), Spy()], steps=5, lr=1e-3,
+              batch_size=8, progress=False)
+    expected = [cpt.lr_at(k, 5, "rewarm-flat", peak_lr=1e-3, warmup=0.4) for k in range(5)]
+    assert [lr for task, _, lr in seen if task == 2] == pytest.approx(expected)  # restarted at each task
+    assert expected[0] == pytest.approx(5e-4) and expected[-1] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="warmup"):
+        ch09.Schedule(5, warmup=1.5)
+
+
+def test_optimizer_nulls_start_from_one_model_and_record_every_step(knowing_lab, chapter_stream):
+    from cl_lab.chapters import ch09
+
+    settings = {"Adam": ("adam", 1e-2, None), "warm": ("adam", 1e-2, 0.5), "SGD": ("sgd", 1e-3, None)}
+    curves = ch09.optimizer_nulls(knowing_lab, chapter_stream, steps=4, batch_size=8, settings=settings)
+    assert list(curves.columns) == ["setting", "step", "recall"] and len(curves) == 3 * 5
+    start = curves[curves.step == 0].recall
+    assert start.nunique() == 1  # every setting starts from the pretrained LM, on the same scored facts
+    sgd = curves[curves.setting == "SGD"].recall
+    assert (sgd - start.iloc[0]).abs().max() <= 0.05  # SGD's tiny steps on known facts barely move anything
+    fig = ch09.plot_optimizer_nulls(curves)
+    assert len(fig.axes[0].lines) == 3
+
+
+def test_first_step_sizes_adam_moves_every_touched_weight_by_about_lr(knowing_lab, chapter_stream):
+    from cl_lab.chapters import ch09
+
+    null = ch09.null_stream(knowing_lab, chapter_stream, seed=0)
+    sizes = ch09.first_step_sizes(knowing_lab, null.tasks[0], lr_adam=1e-3, lr_sgd=0.1, batch_size=8)
+    ratio = sizes["adam |Δθ|/lr"]  # [P]
+    assert ratio.numel() == knowing_lab.n_parameters and float(ratio.max()) <= 1 + 1e-3
+    assert 0.5 < sizes["with a gradient"] <= 1.0
+    assert sizes["adam median |Δθ|"] == pytest.approx(1e-3, rel=0.02)  # −lr·g/(|g| + ε) for almost every g
+    assert sizes["sgd median |Δθ|"] < sizes["adam median |Δθ|"]

@@ -3,9 +3,10 @@
 On the tiny language model (``cl_lab.lm``): the chapter's stream (new people, a new relation, a new answer
 format, with the pretraining facts as an evaluation-only task 0), the five learners (full fine-tuning, a
 shared LoRA, per-task LoRAs routed by task id, LoRA on attention or MLP projections only), the learning /
-forgetting path, the rank of the weight change, the measured cost of the optimizer state, and the rank × α ×
-replay playground. On an MLP (permuted MNIST): the rank sweep beside the LM's, adapters without the task id
-(summed, merged) and O-LoRA's orthogonality.
+forgetting path, the rank of the weight change, the optimizer null (the same optimizer, learning rate and
+steps on facts the LM already recalls) and what Adam's first steps cost on their own, the measured cost of the
+optimizer state, and the rank × α × replay playground. On an MLP (permuted MNIST): the rank sweep beside the
+LM's, adapters without the task id (summed, merged) and O-LoRA's orthogonality.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from cl_lab import _validate, data, lm, metrics, models, plots, train
 from cl_lab.chapters.ch02 import mnist
 from cl_lab.data.streams import Stream
 from cl_lab.device import seed_everything
-from cl_lab.lm import KLToBase, TextReplay
+from cl_lab.lm import KLToBase, TextReplay, cpt, nulls
 from cl_lab.lm import lora as lm_lora
 from cl_lab.lm.stream import FactTask
-from cl_lab.methods.base import Method
+from cl_lab.methods.base import Context, Method
 from cl_lab.methods.lora import LoRAModel, PerTaskLoRA, SharedLoRA, lora_parameter_count, subspace_overlap, target_names
 
 # ================================================================ the language model
@@ -194,6 +195,126 @@ def never_emitted(lab: lm.Lab, stream: Stream, relation_task: int = 2) -> dict:
     return {"new objects' row norm": rows[new].norm(dim=1).mean().item(),
             "pretrained objects' row norm": rows[old].norm(dim=1).mean().item(),
             "base LM's probability on the new objects": probs[:, new].sum(1).mean().item()}
+
+
+# ---------------------------------------------------------------- the optimizer null (LM)
+
+def renderings_per_fact(world) -> int:
+    """How many trained renderings (templates) each pretraining fact has in ``world``."""
+    return round(len(world.train_facts) / len(nulls.fact_keys(world.train_facts)))
+
+
+def null_stream(lab: lm.Lab, stream: Stream, seed: int = 0) -> Stream:
+    """The optimizer null of the chapter's ``stream``: for each of its tasks, a task of pretraining facts the LM
+    already recalls with about as many prompts (``lm.nulls.known_fact_stream``), disjoint from one another and
+    from the scored pretraining facts (``stream``'s task 0), padded alike. Evaluated, like ``stream``, on that
+    task 0 first, so R[:, 0] of a run on it is the same measurement as the learners'."""
+    scored = stream.eval_tasks[0]
+    per_fact = renderings_per_fact(lab.world)
+    sizes = [max(1, round(len(t.y_train) / per_fact)) for t in stream.tasks]
+    known = nulls.known_fact_stream(lab, sizes, seed, exclude=scored.train_facts, length=stream.input_shape[0])
+    return Stream("known facts after pretraining (the optimizer null)", "domain", known.tasks, stream.n_out,
+                  stream.input_shape, eval_tasks=[scored, *known.tasks])
+
+
+def null_run(lab: lm.Lab, null: Stream, setup: str = "full fine-tuning", *, rank: int = 8, alpha: float = 16.0,
+             steps: int = 50, lr: float = 1e-3, batch_size: int = 32, seed: int = 0, max_facts: int | None = None,
+             device: str | torch.device = "cpu") -> train.Run:
+    """``setup`` (one of ``SETUPS``, not per-task) trained through the ``null`` stream exactly as ``run_setup``
+    trains it through the chapter's: R[:, 0] is what the optimizer alone costs the scored pretraining facts.
+    (``max_facts`` is accepted so that the chapter's ``fit`` settings pass through unchanged.)"""
+    if setup == "per-task LoRA":
+        raise ValueError("setup must be a shared learner: per-task LoRA reads task 0 through the bare backbone, "
+                         "which no step changes")
+    model, method = learner(lab, setup, rank, alpha, seed)
+    return train.fit(model, null, method, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                     eval_samples=max(len(t.y_test) for t in null.eval_tasks), device=device, progress=False)
+
+
+class Schedule(Method):
+    """The learning rate of chapter 13's schedules (``lm.cpt.lr_at``) at every step of a ``train.fit`` task,
+    restarted at each task: ``"rewarm-flat"`` is a linear warm-up over a share ``warmup`` of the steps, then the
+    peak (the ``lr`` given to ``train.fit``)."""
+
+    name = "learning-rate schedule"
+
+    def __init__(self, steps: int, schedule: str = "rewarm-flat", warmup: float = 0.4) -> None:
+        self.steps = _validate.positive_int("steps", steps)
+        cpt.lr_at(0, steps, schedule, warmup=warmup)  # validates the schedule and the warm-up share
+        self.schedule, self.warmup = schedule, warmup
+        self._peak = 0.0
+
+    def on_task_start(self, ctx: Context) -> None:
+        self._peak = ctx.optimizer.param_groups[0]["lr"]
+
+    def before_step(self, ctx: Context) -> None:
+        lr = cpt.lr_at(ctx.task_step, self.steps, self.schedule, peak_lr=self._peak, low_lr=self._peak / 10,
+                       warmup=self.warmup)
+        for group in ctx.optimizer.param_groups:
+            group["lr"] = lr
+
+
+OPTIMIZER_NULLS = {"Adam, lr 1e-3": ("adam", 1e-3, None), "Adam, lr 1e-4": ("adam", 1e-4, None),
+                   "Adam, lr 1e-3 after a warm-up": ("adam", 1e-3, 0.4), "SGD, lr 0.1": ("sgd", 0.1, None)}
+
+
+def optimizer_nulls(lab: lm.Lab, stream: Stream, steps: int = 20, batch_size: int = 32, seed: int = 0,
+                    settings: dict[str, tuple[str, float, float | None]] = OPTIMIZER_NULLS,
+                    device: str | torch.device = "cpu") -> pd.DataFrame:
+    """Full fine-tuning of the pretrained LM on the first task of ``null_stream(lab, stream, seed)`` (facts it
+    already recalls) for ``steps`` steps under each of ``settings`` ({label: (optimizer, lr, warm-up share or
+    None)}), the scored pretraining facts evaluated after every step. Returns one row per (setting, step k =
+    0..steps): the scored facts' recall after k steps."""
+    null = null_stream(lab, stream, seed)
+    one = Stream(null.name, null.scenario, null.tasks[:1], null.n_out, null.input_shape,
+                 eval_tasks=null.eval_tasks[:1])
+    rows = []
+    for label, (optimizer, lr, warmup) in settings.items():
+        methods = Schedule(steps, warmup=warmup) if warmup else None
+        run = train.fit(lab.copy().as_classifier(), one, methods, steps=steps, lr=lr, batch_size=batch_size,
+                        optimizer=optimizer, eval_every=1, eval_samples=len(one.eval_tasks[0].y_test), seed=seed,
+                        device=device, progress=False)
+        rows += [{"setting": label, "step": int(k), "recall": float(recall)}
+                 for k, recall in run.curves.set_index("step")["accuracy"].items()]
+    return pd.DataFrame(rows)
+
+
+def plot_optimizer_nulls(curves: pd.DataFrame, ax=None):
+    """The scored pretraining facts' recall against the number of steps on facts the LM already knew."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.8))
+    for label, c in curves.groupby("setting", sort=False):
+        ax.plot(c["step"], c["recall"], ".-", label=label)
+    ax.set(xlabel="steps on facts the LM already knew", ylabel="other pretraining facts: recall", ylim=(0, 1.05),
+           title="the optimizer null: nothing new to learn")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def _delta(before: dict[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
+    return torch.cat([(p.detach() - before[n]).reshape(-1) for n, p in model.named_parameters()])  # [P]
+
+
+def first_step_sizes(lab: lm.Lab, task: FactTask, lr_adam: float = 1e-3, lr_sgd: float = 0.1, batch_size: int = 32,
+                     seed: int = 0) -> dict:
+    """One step of full fine-tuning on a seeded batch of ``task`` (facts the LM knows) with Adam and with SGD, from
+    the same pretrained weights: per weight, |Δθ|. Returns Adam's |Δθ|/lr (every weight, [P]), the share of the
+    weights that got a gradient, and both optimizers' median |Δθ| over those weights."""
+    x, y, _ = task.sample(batch_size, seed=seed)
+    sizes, touched = {}, None
+    for name, (optimizer, lr) in {"adam": (torch.optim.Adam, lr_adam), "sgd": (torch.optim.SGD, lr_sgd)}.items():
+        model = lab.copy().as_classifier().train()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = optimizer(model.parameters(), lr=lr)
+        nn.functional.cross_entropy(model(x), y).backward()
+        touched = torch.cat([(p.grad != 0).reshape(-1) for p in model.parameters()])  # [P]: the same batch each time
+        opt.step()
+        sizes[name] = _delta(before, model).abs()  # [P]
+    return {"adam |Δθ|/lr": sizes["adam"] / lr_adam, "with a gradient": touched.double().mean().item(),
+            "adam median |Δθ|": sizes["adam"][touched].median().item(),
+            "sgd median |Δθ|": sizes["sgd"][touched].median().item(),
+            "median |θ|": torch.cat([p.detach().abs().reshape(-1) for p in lab.model.parameters()]).median().item()}
 
 
 # ---------------------------------------------------------------- learns less, forgets less (LM)
