@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cl_lab.chapters import ch12
-from cl_lab.lm import align, tiny_lm
+from cl_lab.lm import align, nulls, tiny_lm
 from cl_lab.methods.alignment import dpo_loss, fisher_quadratic, full_fisher, kl_along, kl_to_reference
 
 matplotlib.use("Agg")
@@ -28,8 +28,9 @@ def chain():
     lab = tiny_lm(0, progress=False, use_cache=False, **TINY)
     data = align.alignment_data(lab.world, n_sft_subjects=10, seed=0)
     model = align.sft(lab, data, steps=3, batch_size=8)
-    probe = align.Probe(lab, data, model, n_facts=40, n_texts=10)
-    return ch12.LMChain(lab, data, model, probe, probe(lab.model), probe(model))
+    holdout = nulls.hold_out(lab.world, 3, seed=0, among=data.heldout_subjects)
+    probe = align.Probe(lab, data, model, n_facts=40, n_texts=10, unseen=holdout.facts)
+    return ch12.LMChain(lab, data, model, probe, probe(lab.model), probe(model), holdout)
 
 
 def test_dpo_loss_by_hand():
@@ -112,6 +113,27 @@ def test_capability_matrix_matched_table_and_estimators(chain):
     assert (kl.xs("k3", level="estimator")["negative"] == 0).all()
 
 
+def test_lm_chain_holds_people_out_of_every_remedy_text():
+    chain = ch12.lm_chain(seed=0, sft_steps=2, n_sft_subjects=10, lab_config=TINY)
+    held = set(chain.holdout.subjects)
+    assert held <= set(chain.data.heldout_subjects) and len(held) == round(ch12.UNSEEN_SHARE * 10)
+    assert not any(s in text for s in held for text in chain.holdout.texts)
+    assert {"unseen recall", "unseen paraphrase"} <= set(chain.sft_row)
+    recall_prompts = {f.prompt for f in chain.lab.world.train_facts if f.subject in held}
+    x = chain.probe.x[chain.probe.slices["recall"]]
+    assert not {chain.lab.tokenizer.decode(ids[ids != 0][1:]) for ids in x} & recall_prompts
+
+
+def test_stage_nulls_train_outside_the_held_out_people_and_read_at_any_step(chain):
+    config = align.DPOConfig(steps=4, batch_size=8, lr=1e-3, probe_every=2)
+    paths = ch12.stage_nulls(chain, config, sft_steps=3, sft_batch=8, n_facts=5, require_known=False)
+    assert paths["SFT"]["step"].tolist() == [0, 3] and paths["DPO"]["step"].tolist() == [0, 2, 4]
+    facts = ch12.null_task(chain, chain.sft_model, 5, seed=1, require_known=False)
+    assert not {f.subject for f in facts} & set(chain.holdout.subjects)
+    mid = ch12.at_step(paths["DPO"], 3)
+    assert mid["unseen recall"] == pytest.approx(paths["DPO"]["unseen recall"].iloc[1:].mean())
+
+
 # --- figures ---------------------------------------------------------------------------------------------------
 
 def test_plot_capability_matrix_draws_each_stage_and_perplexity():
@@ -129,7 +151,7 @@ def test_plot_capability_matrix_draws_each_stage_and_perplexity():
 def test_plot_front_draws_each_path_and_its_matched_point():
     paths = {"DPO (plain)": pd.DataFrame({"win rate": [0.0, 0.5, 1.0], "recall": [0.9, 0.6, 0.4]}),
              "replay": pd.DataFrame({"win rate": [0.0, 0.4, 0.6], "recall": [0.9, 0.85, 0.8]})}
-    fig = ch12.plot_front(paths, 0.5, baseline=0.9)
+    fig = ch12.plot_front(paths, 0.5, column="recall", baseline=0.9)
     ax = fig.axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert list(lines["DPO (plain)"].get_ydata()) == [0.9, 0.6, 0.4]

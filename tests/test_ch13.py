@@ -117,10 +117,38 @@ def test_measure_seconds_gives_every_cost_input(lab):
     assert list(seconds["requests by live adapters"]) == [0, 1, 2, 4]
     growth = ch13.corpus_growth(SEED, True)
     assert 0 < growth < 1
-    total = cost.cumulative(cost.monthly_costs(seconds, growth=growth))
+    work = ch13.count_work(SEED, smoke=True)  # timed slopes can come out negative on a loaded machine; counts cannot
+    total = cost.cumulative(cost.monthly_costs(work, growth=growth))
     fig = ch13.plot_costs(total, 1000)
     assert len(fig.axes[0].lines) == 3
     plt.close(fig)
+
+
+def test_count_work_counts_the_same_operations_without_a_clock(lab):
+    work = ch13.count_work(SEED, smoke=True)
+    assert set(cost.SECONDS) <= set(work) and work == ch13.count_work(SEED, smoke=True)  # counted, not timed
+    requests = work["requests by live adapters"]
+    steps = np.diff([requests[k] for k in ch13.LIVE_ADAPTERS]) / np.diff(ch13.LIVE_ADAPTERS)
+    assert steps == pytest.approx([work["adapter_overhead"]] * 3) and work["adapter_overhead"] > 0  # linear
+    assert work["adapter_step"] < work["update_step"]  # frozen weights need no weight gradients
+    assert work["pretrain_step"] > work["update_step"]  # 64 sentences against 80 tokens
+
+
+def test_null_point_trains_known_sentences_outside_the_scored_old_facts(lab, monkeypatch):
+    seen = {}
+    real = cpt.continual_pretrain
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpt, "continual_pretrain", spy)
+    run = ch13.null_point(SEED, "rewarm", 0.05, steps=4, eval_every=2, smoke=True)
+    texts = seen["new_texts"]
+    assert len(texts) == 16 * 4 and set(texts) <= set(lab.world.pretraining_texts())
+    scored = {f.sentence for f in cpt.old_sample(lab.world)}
+    assert not set(texts) & scored and run.config["new_texts"] == "given"
+    assert run.history["step"].tolist() == [0, 2, 4]
 
 
 def test_step0_perplexity_of_both_starts_is_finite(lab):

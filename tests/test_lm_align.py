@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cl_lab.lm import align, kl_estimators, tiny_lm
+from cl_lab.lm import align, kl_estimators, nulls, tiny_lm
 from cl_lab.lm.world import RELATIONS
 from cl_lab.methods.alignment import dpo_loss
 
@@ -209,6 +209,53 @@ def test_probe_counts_what_it_says(lab, data):
                for f in data.instruction_facts]
     assert row["instruction"] == pytest.approx((top == y).float().mean().item())
     assert row["format"] == pytest.approx(sum(t in ok for t, ok in zip(top.tolist(), objects)) / len(objects))
+
+
+def test_probe_scores_unseen_facts_apart_from_the_seen_ones(lab, data):
+    held = nulls.hold_out(lab.world, 4, seed=0, among=data.heldout_subjects)
+    seen = [f for f in lab.world.train_facts if f.subject not in held.subjects]
+    probe = align.Probe(lab, data, lab.model, n_facts=30, n_texts=5, seen=seen, unseen=held.facts,
+                        unseen_paraphrases=held.paraphrases)
+    row = probe(lab.model)
+    assert set(align.UNSEEN_COLUMNS) <= set(row)
+    for column, pool in (("recall", seen), ("unseen recall", held.facts), ("unseen paraphrase", held.paraphrases)):
+        x, y = probe.x[probe.slices[column]], probe.y[probe.slices[column]]
+        prompts = {f.prompt for f in pool}
+        assert {lab.tokenizer.decode(ids[ids != 0][1:]) for ids in x} <= prompts
+        with torch.no_grad():
+            assert row[column] == pytest.approx((lab.as_classifier()(x).argmax(1) == y).float().mean().item())
+    assert not set(align.UNSEEN_COLUMNS) & set(align.Probe(lab, data, lab.model, n_facts=10, n_texts=5)(lab.model))
+
+
+def test_remedies_draw_only_from_the_texts_they_are_given(lab, data, monkeypatch):
+    drawn = []
+    real_loss = align.lm_loss
+
+    def spy(model, ids, pad_id, reduction="mean"):
+        drawn.append(ids)
+        return real_loss(model, ids, pad_id, reduction)
+
+    monkeypatch.setattr(align, "lm_loss", spy)
+    texts = lab.world.general_train[:5]
+    align.dpo(lab, lab.model, data.pairs, align.DPOConfig(steps=3, batch_size=8, replay_share=0.5), texts=texts)
+    allowed = {tuple(row[row != 0].tolist()) for row in lab.encode(texts)}
+    replayed = {tuple(row[row != 0].tolist())[:-1] for ids in drawn for row in ids}  # without the end token
+    assert drawn and replayed <= allowed
+    with pytest.raises(ValueError, match="texts"):
+        align.dpo(lab, lab.model, data.pairs, align.DPOConfig(steps=1, replay_share=0.5), texts=[])
+
+
+def test_optimizer_null_trains_known_facts_with_the_stages_optimizer(lab, data):
+    facts = lab.world.train_facts[:24]
+    probe = align.Probe(lab, data, lab.model, n_facts=20, n_texts=5)
+    model, path = align.optimizer_null(lab, lab.model, facts, steps=4, lr=1e-3, batch_size=8, probe=probe,
+                                       probe_every=2)
+    assert path["step"].tolist() == [0, 2, 4] and path.loc[0, "recall"] == probe(lab.model)["recall"]
+    assert not any(p.requires_grad for p in model.parameters())
+    moved = max((a - b).abs().max().item() for a, b in zip(model.parameters(), lab.model.parameters()))
+    assert 0 < moved <= 4 * 1e-3 * 1.01  # AdamW moves a weight by at most about lr a step (no weight decay)
+    again, _ = align.optimizer_null(lab, lab.model, facts, steps=4, lr=1e-3, batch_size=8)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
 
 
 # --- KL estimators ----------------------------------------------------------------------------------------

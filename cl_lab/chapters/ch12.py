@@ -1,6 +1,7 @@
 """Chapter 12 helpers (the alignment tax): SFT → DPO on the tiny language model, its capability matrix, the
-remedies compared at matched alignment strength, Schulman's KL estimators, the β × replay playground, and one
-MNIST check kept from the toy chain: the KL penalty ≈ ½ΔθᵀFΔθ along a real fine-tuning step.
+optimizer null of each stage, the remedies compared at matched alignment strength on facts no remedy saw,
+Schulman's KL estimators, the β × replay playground, and one MNIST check: the KL penalty ≈ ½ΔθᵀFΔθ along a real
+fine-tuning step.
 
 The language-model chain lives in ``cl_lab.lm.align`` (the data, the losses, the probe); this module runs it the
 way the chapter tells it and draws the figures.
@@ -23,20 +24,23 @@ from cl_lab import _validate, models
 from cl_lab.chapters.ch02 import mnist
 from cl_lab.device import seed_everything
 from cl_lab.fisher import fisher_diagonal
-from cl_lab.lm import BASE_RELATIONS, Lab, align, kl_estimators, tiny_lm
+from cl_lab.lm import BASE_RELATIONS, Lab, align, kl_estimators, nulls, tiny_lm
 from cl_lab.methods.alignment import diagonal_quadratic, fisher_quadratic, kl_along, sft_loss
 
 STAGES = ("base", "SFT", "DPO")
 SHOWN = ("recall", "paraphrase", "instruction", "format", "win rate")  # the [0, 1] columns of the matrix
 REMEDY_COLOURS = {"DPO (plain)": "tab:red", "null control": "tab:pink", "KL on text": "tab:blue",
                   "replay": "tab:green", "LoRA only": "tab:purple", "averaging": "tab:orange"}
+UNSEEN_SHARE = 0.5  # the share of the held-out people whose facts no remedy's text contains
 
 
 # ------------------------------------------------------------------ the LM chain: SFT, then DPO
 
 @dataclass
 class LMChain:
-    """The lab, the chain's data, the SFT model (the DPO reference) and the probe measuring every row."""
+    """The lab, the chain's data, the SFT model (the DPO reference), the probe measuring every row, and the
+    ``holdout``: people (among those never aligned on) whose every sentence is kept out of the remedies' text,
+    so that ``unseen recall`` scores facts that no stage and no remedy trained on."""
 
     lab: Lab
     data: align.AlignmentData
@@ -44,6 +48,7 @@ class LMChain:
     probe: align.Probe
     base_row: dict
     sft_row: dict
+    holdout: nulls.Holdout
 
 
 def lm_chain(seed: int = 0, sft_steps: int = 150, sft_lr: float = 3e-4, n_sft_subjects: int = 60,
@@ -59,14 +64,48 @@ def _lm_chain(seed: int, sft_steps: int, sft_lr: float, n_sft_subjects: int, lab
               device: str) -> LMChain:
     lab = tiny_lm(seed, progress=False, device=device, **dict(lab_config))
     data = align.alignment_data(lab.world, n_sft_subjects=n_sft_subjects, seed=seed)
+    holdout = nulls.hold_out(lab.world, round(UNSEEN_SHARE * len(data.heldout_subjects)), seed,
+                             among=data.heldout_subjects)
+    held = set(holdout.subjects)
     model = align.sft(lab, data, steps=sft_steps, lr=sft_lr, seed=seed)
-    probe = align.Probe(lab, data, model, seed=seed)
-    return LMChain(lab, data, model, probe, probe(lab.model), probe(model))
+    probe = align.Probe(lab, data, model, seen=[f for f in lab.world.train_facts if f.subject not in held],
+                        unseen=holdout.facts, unseen_paraphrases=holdout.paraphrases, seed=seed)
+    return LMChain(lab, data, model, probe, probe(lab.model), probe(model), holdout)
 
 
 def run_dpo(chain: LMChain, config: align.DPOConfig) -> tuple[nn.Module, pd.DataFrame]:
-    """DPO from the chain's SFT model on its pairs, with the trajectory of capability rows."""
-    return align.dpo(chain.lab, chain.sft_model, chain.data.pairs, config, chain.probe)
+    """DPO from the chain's SFT model on its pairs, with the trajectory of capability rows; replay and the KL on
+    text draw from the pretraining corpus without the held-out people (``chain.holdout.texts``)."""
+    return align.dpo(chain.lab, chain.sft_model, chain.data.pairs, config, chain.probe, texts=chain.holdout.texts)
+
+
+def null_task(chain: LMChain, model: nn.Module, n_facts: int = 40, seed: int = 0, *, require_known: bool = True
+              ) -> list:
+    """The facts of an optimizer null from ``model``: ``n_facts`` pretraining facts it already recalls, drawn at
+    random (seeded) outside the held-out people, so the null never trains what ``unseen recall`` scores."""
+    return nulls.known_fact_task(chain.lab, n_facts, seed, model=model, exclude=chain.holdout.facts,
+                                 require_known=require_known).train_facts
+
+
+def stage_nulls(chain: LMChain, dpo_config: align.DPOConfig, *, sft_steps: int, sft_lr: float = 3e-4,
+                sft_batch: int = 32, n_facts: int = 40, require_known: bool = True) -> dict[str, pd.DataFrame]:
+    """The optimizer null of each stage (``align.optimizer_null``): SFT's optimizer and steps from the base model,
+    and DPO's from the SFT model, each on facts its starting model already recalls. Returns the trajectory of
+    each (probe rows; DPO's null probed as often as the DPO runs, so it can be read at any DPO step)."""
+    seed = dpo_config.seed
+    sft_null, sft_path = align.optimizer_null(
+        chain.lab, chain.lab.model, null_task(chain, chain.lab.model, n_facts, seed, require_known=require_known),
+        steps=sft_steps, lr=sft_lr, batch_size=sft_batch, seed=seed, probe=chain.probe, probe_every=sft_steps)
+    _, dpo_path = align.optimizer_null(
+        chain.lab, chain.sft_model, null_task(chain, chain.sft_model, n_facts, seed + 1, require_known=require_known),
+        steps=dpo_config.steps, lr=dpo_config.lr, batch_size=dpo_config.batch_size, seed=seed, probe=chain.probe,
+        probe_every=dpo_config.probe_every)
+    return {"SFT": sft_path, "DPO": dpo_path}
+
+
+def at_step(path: pd.DataFrame, step: float) -> pd.Series:
+    """Every column of a trajectory linearly interpolated at ``step`` (between the probes around it)."""
+    return align.at_strength(path, step, by="step")
 
 
 def capability_matrix(chain: LMChain, dpo_model: nn.Module) -> pd.DataFrame:
@@ -136,7 +175,8 @@ def plot_capability_matrix(R: pd.DataFrame):
     return fig
 
 
-def plot_front(paths: dict[str, pd.DataFrame], target: float, column: str = "recall", baseline: float | None = None):
+def plot_front(paths: dict[str, pd.DataFrame], target: float, column: str = "unseen recall",
+               baseline: float | None = None):
     """Each path's ``column`` against its win rate (the tax–alignment front), a dot where it crosses ``target``."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for name, path in paths.items():
@@ -149,7 +189,7 @@ def plot_front(paths: dict[str, pd.DataFrame], target: float, column: str = "rec
     if baseline is not None:
         ax.axhline(baseline, color="k", ls=":", lw=1, label="after SFT")
     ax.set_xlabel("preference win rate (held-out people)")
-    ax.set_ylabel(f"{column} (pretraining facts)" if column == "recall" else column)
+    ax.set_ylabel(f"{column} (pretraining facts)" if "recall" in column else column)
     ax.set_title(f"tax–alignment front; circles: matched at win rate {target:g}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -214,7 +254,7 @@ def plot_alignment_point(result: dict):
     return fig
 
 
-# ------------------------------------------------------------------ MNIST: the KL as a quadratic (kept from the toy)
+# ------------------------------------------------------------------ MNIST: the KL as a quadratic
 
 def invert(x: torch.Tensor) -> torch.Tensor:
     """Images x [N, 784] with ink and background swapped: the toy SFT stage's "prompt format"."""

@@ -3,13 +3,14 @@
 On the tiny LM (``cl_lab.lm``): continual pretraining on a starship domain with new words (schedules, replay
 share, vocabulary initialisation, checkpoint choice), drift detection on prompt embeddings, the shadow
 evaluation / canary / fallback of a release, per-tenant adapters with versions. On rotated MNIST: an EMA of the
-weights against EWC and replay at equal steps. And the cost model of a year of monthly updates, from this
-machine's measured seconds.
+weights against EWC and replay at equal steps. And the cost model of a year of monthly updates, in counted
+floating-point operations and in this machine's measured seconds.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import time
 from functools import lru_cache
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from cl_lab import _validate, data, drift, lm, models, timing, train
 from cl_lab.chapters.ch02 import mnist
-from cl_lab.lm import cpt, serving
+from cl_lab.lm import cpt, nulls, serving
 from cl_lab.lm.evaluate import hits
 from cl_lab.lm.lab import LMClassifier
 from cl_lab.lm.tokenizer import encode
@@ -37,6 +38,7 @@ SHARES = (0.0, 0.01, 0.05, 0.25)
 SCHEDULE_NAMES = {"rewarm": "re-warm to 1e-3, re-decay", "constant": "constant 3e-4",
                   "rewarm-flat": "re-warm to 1e-3, no decay"}
 COLORS = {"rewarm": "tab:red", "constant": "tab:blue", "rewarm-flat": "tab:orange"}
+LIVE_ADAPTERS = (0, 1, 2, 4)  # live adapters a request is priced with (the cost model's overhead is the slope)
 
 
 # ================================================================ continual pretraining
@@ -59,6 +61,19 @@ def cpt_point(seed: int = 0, schedule: str = "rewarm", replay_share: float = 0.0
     lab = lab_of(seed, smoke)
     return cpt.continual_pretrain(lab, domain_of(lab), steps=steps, replay_share=replay_share, schedule=schedule,
                                   init=init, eval_every=min(eval_every, steps), seed=seed + 100 * order)
+
+
+def null_point(seed: int = 0, schedule: str = "rewarm", replay_share: float = 0.05, *, steps: int = STEPS,
+               eval_every: int = 30, n_facts: int = 16, smoke: bool = False) -> cpt.CPTRun:
+    """The optimizer null of ``cpt_point``: the same run (schedule, replay, steps, new words, data order) on the
+    sentences of ``n_facts`` pretraining facts the model already recalls (16 facts: 64 sentences, as many as the
+    domain's texts), drawn outside the old facts the run scores. What it loses of the old facts is the optimizer's
+    own cost. (A SMOKE lab recalls no fact: there the draw is among all facts.)"""
+    lab = lab_of(seed, smoke)
+    task = nulls.known_fact_task(lab, n_facts, seed, exclude=cpt.old_sample(lab.world), require_known=not smoke)
+    return cpt.continual_pretrain(lab, domain_of(lab), steps=steps, replay_share=replay_share, schedule=schedule,
+                                  eval_every=min(eval_every, steps), new_texts=[f.sentence for f in task.train_facts],
+                                  seed=seed)
 
 
 def summary(runs: dict) -> pd.DataFrame:
@@ -388,12 +403,12 @@ def ema_experiment(seed: int = 0, *, steps: int = 200, methods=EMA_METHODS, angl
 
 # ================================================================ the cost model
 
-def measure_seconds(seed: int = 0, repeats: int = 15, smoke: bool = False) -> dict:
-    """This machine's inputs to ``cost.monthly_costs``, each the best of ``repeats`` interleaved runs: one
-    pretraining step (64 sentences), one continual-pretraining step (80 tokens, all weights), one LoRA step on
-    the same batch (PEFT, rank 8 on every projection), one shadow evaluation (``serving.capability_matrix`` of
-    one model, timed once), and one request (a prompt's forward pass) with 0, 1, 2 and 4 live unmerged adapters;
-    the overhead per live adapter is the least-squares slope of the request's seconds against the adapters."""
+def _cost_operations(seed: int, smoke: bool, attention: str = "sdpa") -> dict:
+    """The operations the cost model prices, each a callable, on lab ``seed``: one pretraining step (64
+    sentences), one continual-pretraining step (80 tokens, all weights), one LoRA step on the same batch (PEFT,
+    rank 8 on every projection), one shadow evaluation (``serving.capability_matrix`` of one model), and one
+    request (a prompt's forward pass) with 0, 1, 2 and 4 live unmerged adapters (``requests``).
+    ``attention`` is the models' attention implementation ("eager" makes every product visible to a counter)."""
     from peft import LoraConfig, get_peft_model
 
     lab = lab_of(seed, smoke)
@@ -406,6 +421,11 @@ def measure_seconds(seed: int = 0, repeats: int = 15, smoke: bool = False) -> di
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_fc", "c_proj"], fan_in_fan_out=True,
                         lora_dropout=0.0)
 
+    def copy_of(model):
+        model = copy.deepcopy(model)
+        model.set_attn_implementation(attention)
+        return model
+
     def trainer(model, ids):
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
@@ -417,17 +437,11 @@ def measure_seconds(seed: int = 0, repeats: int = 15, smoke: bool = False) -> di
             opt.step()
         return step
 
-    steps = timing.best_times({
-        "pretrain_step": trainer(copy.deepcopy(lab.model), pre_ids),
-        "update_step": trainer(copy.deepcopy(ext.model), batch),
-        "adapter_step": trainer(get_peft_model(copy.deepcopy(ext.model), config), batch)}, repeats=repeats)
-    evaluation = timing.best_times({"evaluation": lambda: serving.capability_matrix({"m": ext}, lab.world, dom)},
-                                   repeats=1, warmup=0)
+    evaluated = dataclasses.replace(ext, model=copy_of(ext.model))
     prompt = encode(lab.tokenizer, [lab.world.train_facts[0].prompt])
-    live = (0, 1, 2, 4)
-    served = {0: copy.deepcopy(lab.model).eval()}
-    for k in live[1:]:  # one model per count, its k adapters set active once (switching is not what is timed)
-        served[k] = get_peft_model(copy.deepcopy(lab.model), config, adapter_name="a0").eval()
+    served = {0: copy_of(lab.model).eval()}
+    for k in LIVE_ADAPTERS[1:]:  # one model per count, its k adapters set active once (switching is not priced)
+        served[k] = get_peft_model(copy_of(lab.model), config, adapter_name="a0").eval()
         for i in range(1, k):
             served[k].add_adapter(f"a{i}", config)
         served[k].base_model.set_adapter([f"a{i}" for i in range(k)])
@@ -438,10 +452,47 @@ def measure_seconds(seed: int = 0, repeats: int = 15, smoke: bool = False) -> di
                 model(input_ids=prompt)
         return run
 
-    req = timing.best_times({k: request(m) for k, m in served.items()}, repeats=3 * repeats)
-    slope = float(np.polyfit(live, [req[k] for k in live], 1)[0])
-    return {**steps, **evaluation, "adapter_overhead": slope, "request": req[0],
-            "requests by live adapters": req}
+    return {"steps": {"pretrain_step": trainer(copy_of(lab.model), pre_ids),
+                      "update_step": trainer(copy_of(ext.model), batch),
+                      "adapter_step": trainer(get_peft_model(copy_of(ext.model), config), batch)},
+            "evaluation": lambda: serving.capability_matrix({"m": evaluated}, lab.world, dom),
+            "requests": {k: request(m) for k, m in served.items()}}
+
+
+def _with_overhead(costs: dict, requests: dict) -> dict:
+    """``costs`` with the request's cost and the overhead per live adapter: the least-squares slope of the
+    request's cost against the live adapters."""
+    slope = float(np.polyfit(LIVE_ADAPTERS, [requests[k] for k in LIVE_ADAPTERS], 1)[0])
+    return {**costs, "adapter_overhead": slope, "request": requests[0], "requests by live adapters": requests}
+
+
+def measure_seconds(seed: int = 0, repeats: int = 15, smoke: bool = False) -> dict:
+    """This machine's seconds for each operation of ``_cost_operations``, each the best of ``repeats``
+    interleaved runs (the evaluation timed once); the overhead per live adapter is the least-squares slope of
+    the request's seconds against the live adapters."""
+    ops = _cost_operations(seed, smoke)
+    steps = timing.best_times(ops["steps"], repeats=repeats)
+    evaluation = timing.best_times({"evaluation": ops["evaluation"]}, repeats=1, warmup=0)
+    return _with_overhead({**steps, **evaluation}, timing.best_times(ops["requests"], repeats=3 * repeats))
+
+
+def count_work(seed: int = 0, smoke: bool = False) -> dict:
+    """The floating-point operations of each operation of ``_cost_operations``, counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (every matrix product, attention's included): the same inputs as
+    ``measure_seconds``, in counted work instead of seconds, so no thread count or second process changes them.
+    Element-wise work (activations, the optimizer's update) is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ops = _cost_operations(seed, smoke, attention="eager")
+
+    def flops(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return float(counter.get_total_flops())
+
+    work = {name: flops(fn) for name, fn in ops["steps"].items()}
+    work["evaluation"] = flops(ops["evaluation"])
+    return _with_overhead(work, {k: flops(fn) for k, fn in ops["requests"].items()})
 
 
 def corpus_growth(seed: int = 0, smoke: bool = False) -> float:

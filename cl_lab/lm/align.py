@@ -11,7 +11,10 @@ The chain, on the lab's world:
   win rate is measured on the other half (``heldout_pairs``).
 - A **capability row** (``Probe``) measures what the chain is for and what it may cost: fact recall under the
   pretraining templates, paraphrase (held-out templates), the instruction behaviour on people and relations
-  the preference never touched, the preference win rate, and general perplexity.
+  the preference never touched, the preference win rate, and general perplexity; with ``unseen`` facts, also
+  recall of facts that no remedy's text contains (``cl_lab.lm.nulls.hold_out``).
+- The **optimizer null** (``optimizer_null``): the same optimizer, learning rate, batch size and steps on facts
+  the model already recalls, so that forgetting is counted beyond what the optimizer's steps cost by themselves.
 
 DPO is Rafailov et al. 2023 (arXiv:2305.18290), eq. 7, on sequence log-probabilities (``sequence_logprobs``):
 the sum of the response tokens' log-probabilities, as TRL computes them. Its remedies (``DPOConfig``): an
@@ -35,7 +38,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cl_lab import _validate
 from cl_lab.lm.evaluate import fact_batch, object_logits
-from cl_lab.lm.lab import Lab, lm_loss
+from cl_lab.lm.lab import Lab, LMClassifier, lm_loss
 from cl_lab.lm.methods import kl_divergence
 from cl_lab.lm.tokenizer import encode
 from cl_lab.lm.world import BASE_RELATIONS, RELATIONS, Fact, World
@@ -45,6 +48,7 @@ PRIVATE_RELATION = "lives_in"
 REFUSAL = "in a city ."
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # every projection of GPT-2's blocks
 COLUMNS = ("recall", "paraphrase", "instruction", "format", "win rate", "perplexity")
+UNSEEN_COLUMNS = ("unseen recall", "unseen paraphrase")  # with Probe(unseen=…)
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,11 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair]) -> E
 class Probe:
     """The capability row of a model (``COLUMNS``), on seeded random subsets fixed at construction:
 
-    - ``recall``: the object is the top next token after a pretraining prompt (trained renderings);
+    - ``recall``: the object is the top next token after a pretraining prompt (trained renderings of ``seen``,
+      default every pretraining fact);
+    - ``unseen recall`` / ``unseen paraphrase`` (with ``unseen``, e.g. ``nulls.hold_out(…).facts``): the same on
+      the trained renderings of facts no remedy's text contains, and on their held-out renderings
+      (``unseen_paraphrases``);
     - ``paraphrase``: the same under held-out templates;
     - ``instruction``: the right object first after "A:", for held-out people's questions on the relations
       the preference never touches; ``format``: the first answer token is an object of the asked relation
@@ -192,7 +200,8 @@ class Probe:
     """
 
     def __init__(self, lab: Lab, data: AlignmentData, reference: nn.Module, *, n_facts: int = 200,
-                 n_texts: int = 60, seed: int = 0) -> None:
+                 n_texts: int = 60, seen: Sequence[Fact] | None = None, unseen: Sequence[Fact] | None = None,
+                 unseen_paraphrases: Sequence[Fact] | None = None, seed: int = 0) -> None:
         world, tokenizer = lab.world, lab.tokenizer
         gen = torch.Generator().manual_seed(seed)
 
@@ -200,12 +209,18 @@ class Probe:
             return [items[i] for i in sorted(torch.randperm(len(items), generator=gen)[:n].tolist())]
 
         self.tokenizer, self.pad_id = tokenizer, tokenizer.pad_token_id
-        groups = {"recall": sample(world.train_facts, n_facts), "paraphrase": sample(world.heldout_facts, n_facts // 2),
+        seen = world.train_facts if seen is None else list(seen)
+        groups = {"recall": sample(seen, n_facts), "paraphrase": sample(world.heldout_facts, n_facts // 2),
                   "instruction": data.instruction_facts}
+        if unseen:
+            groups["unseen recall"] = sample(list(unseen), n_facts)
+        if unseen_paraphrases:
+            groups["unseen paraphrase"] = sample(list(unseen_paraphrases), n_facts // 2)
         facts = [f for group in groups.values() for f in group]
         self.x, self.y = fact_batch(tokenizer, facts)  # [N, L], [N]
         bounds = torch.tensor([0] + [len(g) for g in groups.values()]).cumsum(0).tolist()
         self.slices = {name: slice(a, b) for name, a, b in zip(groups, bounds[:-1], bounds[1:])}
+        self.extra = [name for name in UNSEEN_COLUMNS if name in groups]
         vocab = tokenizer.get_vocab()
         objects = [torch.tensor([vocab[o] for o in RELATIONS[f.relation].objects]) for f in groups["instruction"]]
         self.allowed = torch.zeros(len(objects), len(vocab), dtype=torch.bool)  # [N_instr, V]
@@ -239,7 +254,8 @@ class Probe:
                     "win rate": (ratio > 0).float().mean().item(),
                     "perplexity": math.exp(nll / n_tokens),
                     "margin": (ratio - self.reference_ratio).mean().item(),
-                    "refusals elsewhere": (answer == self.refusal_start).float().mean().item()}
+                    "refusals elsewhere": (answer == self.refusal_start).float().mean().item(),
+                    **{name: hit[self.slices[name]].float().mean().item() for name in self.extra}}
         finally:
             model.train(was_training)
 
@@ -367,8 +383,12 @@ def _lora(model: nn.Module, rank: int, seed: int) -> nn.Module:
 
 
 def dpo(lab: Lab, reference: nn.Module, pairs: Sequence[Pair], config: DPOConfig = DPOConfig(),
-        probe: Callable[[nn.Module], dict] | None = None) -> tuple[nn.Module, pd.DataFrame]:
+        probe: Callable[[nn.Module], dict] | None = None, *, texts: Sequence[str] | None = None
+        ) -> tuple[nn.Module, pd.DataFrame]:
     """DPO (Rafailov et al. 2023, eq. 7) of a copy of ``reference`` on ``pairs``, with ``config``'s remedies.
+
+    ``texts`` are what replay and the KL on text draw from (default ``lab.world.pretraining_texts()``; pass
+    ``nulls.hold_out(…).texts`` to keep some facts out of every remedy).
 
     Per step: a batch of pairs, their sequence log-probabilities under the policy (one pass over [2B, L]) and
     under the frozen reference (computed once), ``dpo_loss``, plus the KL and replay terms. Returns the trained
@@ -389,7 +409,10 @@ def dpo(lab: Lab, reference: nn.Module, pairs: Sequence[Pair], config: DPOConfig
     policy.train()
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = _optimizer(params, config.lora_lr if config.lora_rank else config.lr)
-    texts = encode(lab.tokenizer, lab.world.pretraining_texts(), add_eos=True)  # [N, L]
+    texts = list(lab.world.pretraining_texts() if texts is None else texts)
+    if not texts:
+        raise ValueError("texts must hold at least one text, got none")
+    texts = encode(lab.tokenizer, texts, add_eos=True)  # [N, L]
     replay = _TextReplay(texts, pad_id, config.replay_share, gen) if config.replay_share else None
     batches = _epochs(len(encoded), config.batch_size, gen)
     trajectory = []
@@ -416,6 +439,31 @@ def dpo(lab: Lab, reference: nn.Module, pairs: Sequence[Pair], config: DPOConfig
             record(step)
     policy = policy.merge_and_unload() if config.lora_rank else policy
     return policy.eval().requires_grad_(False), pd.DataFrame(trajectory)
+
+
+def optimizer_null(lab: Lab, start: nn.Module, facts: Sequence[Fact], *, steps: int, lr: float, batch_size: int,
+                   seed: int = 0, probe: Callable[[nn.Module], dict] | None = None, probe_every: int = 0
+                   ) -> tuple[nn.Module, pd.DataFrame]:
+    """The optimizer null of a stage: a copy of ``start`` trained with the stage's optimizer (AdamW, no weight
+    decay, clipping at 1, as ``sft`` and ``dpo``), learning rate, batch size and steps, but on ``facts`` it
+    already recalls (``nulls.known_fact_task``), with the object's cross-entropy. Nothing is left to learn, so
+    what the probe loses is the optimizer's own cost. Returns the model and ``probe``'s trajectory (step 0 and
+    every ``probe_every`` steps)."""
+    _validate.positive_int("steps", steps)
+    _validate.positive("lr", lr)
+    _validate.non_negative_int("probe_every", probe_every)
+    x, y = fact_batch(lab.tokenizer, list(facts))  # [N, L], [N]
+    model = copy.deepcopy(start).requires_grad_(True).train()
+    clf = LMClassifier(model, lab.tokenizer.pad_token_id)
+    opt = _optimizer(list(model.parameters()), lr)
+    batches = _epochs(len(y), batch_size, torch.Generator().manual_seed(seed))
+    trajectory = [{"step": 0, **probe(model)}] if probe is not None else []
+    for step in range(1, steps + 1):
+        rows = next(batches)
+        _step(model, opt, nn.functional.cross_entropy(clf(x[rows]), y[rows]))
+        if probe is not None and probe_every and step % probe_every == 0:
+            trajectory.append({"step": step, **probe(model)})
+    return model.eval().requires_grad_(False), pd.DataFrame(trajectory)
 
 
 # ------------------------------------------------------------------ weight averaging and matched strength

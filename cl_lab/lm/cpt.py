@@ -13,12 +13,14 @@ vocabulary extension, and the curves a checkpoint is chosen from.
   N(0, 0.02²).
 - ``continual_pretrain``: one run, with an evaluation every ``eval_every`` steps: old facts recalled, the
   domain's facts (trained renderings and held-out ones), and general perplexity on two halves of the held-out
-  general text (a *probe* half to choose a checkpoint on, a *test* half to report).
+  general text (a *probe* half to choose a checkpoint on, a *test* half to report). ``new_texts`` replaces the
+  domain's texts: on sentences the model already knows, the run is the optimizer null (``cl_lab.lm.nulls``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -29,7 +31,7 @@ from cl_lab.device import seed_everything
 from cl_lab.lm.evaluate import fact_batch, object_logits
 from cl_lab.lm.lab import Lab, extend_vocabulary, lm_loss
 from cl_lab.lm.tokenizer import encode
-from cl_lab.lm.world import Domain, Fact
+from cl_lab.lm.world import Domain, Fact, World
 
 SCHEDULES = ("rewarm", "constant", "rewarm-flat")
 INITS = ("mean", "random")
@@ -177,6 +179,12 @@ def _facts_sample(facts: list[Fact], n: int | None, seed: int) -> list[Fact]:
     return [facts[i] for i in sorted(keep.tolist())]
 
 
+def old_sample(world: World, old_facts: int | None = 240) -> list[Fact]:
+    """The old facts a run scores: a seeded random draw (fixed by the world) of ``old_facts`` trained renderings
+    (all of them for None)."""
+    return _facts_sample(world.train_facts, old_facts, seed=world.seed)
+
+
 @dataclass
 class CPTRun:
     """One continual-pretraining run: the trained lab, the curves, the token accounting, the embedding shift.
@@ -243,14 +251,17 @@ class _Probe:
 def continual_pretrain(lab: Lab, domain: Domain | None = None, *, steps: int = 150, batch_tokens: int = 80,
                        replay_share: float = 0.05, schedule: str = "rewarm", peak_lr: float = PEAK_LR,
                        low_lr: float = LOW_LR, warmup: float = 0.1, init: str = "random", eval_every: int = 30,
-                       old_facts: int | None = 240, weight_decay: float = 0.01, seed: int = 0) -> CPTRun:
+                       old_facts: int | None = 240, weight_decay: float = 0.01, new_texts: Sequence[str] | None = None,
+                       seed: int = 0) -> CPTRun:
     """Continue pretraining ``lab``'s tiny LM on ``domain`` (default ``lab.world.new_domain()``) with the full
     next-token loss, AdamW (β = 0.9, 0.98, clipping at 1, as in pretraining) and a fresh optimizer state.
 
     The domain's words are added first (``extend_for_domain(lab, domain, init)``); ``lab`` is not changed.
     Each step trains on one ``TokenMixer`` batch (``batch_tokens`` tokens, ``replay_share`` of them replayed
     from ``lab.world.pretraining_texts()``) at ``lr_at(step, steps, schedule, …)``. ``seed`` orders the data
-    and draws the random rows; the probe/test split and the old-fact sample are fixed by the world.
+    and draws the random rows; the probe/test split and the old-fact sample (``old_sample``) are fixed by the
+    world. ``new_texts`` (default ``domain.texts``) is what the run learns; the domain still sets the new words
+    and the new-fact columns.
     """
     if not isinstance(lab, Lab) or lab.world is None:
         raise TypeError(f"lab must be a tiny-LM Lab with a world (cl_lab.lm.tiny_lm), got {type(lab).__name__}")
@@ -262,10 +273,14 @@ def continual_pretrain(lab: Lab, domain: Domain | None = None, *, steps: int = 1
     tok, model = ext.tokenizer, ext.model
     pad = tok.pad_token_id
     old_ids = encode(tok, lab.world.pretraining_texts(), add_eos=True)  # [N, L]
-    mixer = TokenMixer(encode(tok, domain.texts, add_eos=True), old_ids, pad, replay_share=replay_share,
+    source = "domain" if new_texts is None else "given"
+    new_texts = list(domain.texts if new_texts is None else new_texts)
+    if not new_texts:
+        raise ValueError("new_texts must hold at least one text, got none")
+    mixer = TokenMixer(encode(tok, new_texts, add_eos=True), old_ids, pad, replay_share=replay_share,
                        batch_tokens=batch_tokens, seed=seed)
     probe, test = probe_split(lab.world.general_test, seed=lab.world.seed)
-    old = _facts_sample(lab.world.train_facts, old_facts, seed=lab.world.seed)
+    old = old_sample(lab.world, old_facts)
     n_old_rows = len(lab.tokenizer)
     before = model.get_input_embeddings().weight[:n_old_rows].detach().clone()  # [V, d]
     seed_everything(seed)
@@ -289,7 +304,8 @@ def continual_pretrain(lab: Lab, domain: Domain | None = None, *, steps: int = 1
             rows.append({"step": step + 1, "lr": lr, **measure(model)})
     model.eval()
     config = {"steps": steps, "batch_tokens": batch_tokens, "replay_share": replay_share, "schedule": schedule,
-              "peak_lr": peak_lr, "low_lr": low_lr, "warmup": warmup, "init": init, "seed": seed}
+              "peak_lr": peak_lr, "low_lr": low_lr, "warmup": warmup, "init": init, "seed": seed,
+              "new_texts": source}
     shift = embedding_shift(before, model.get_input_embeddings().weight[:n_old_rows])
     return CPTRun(ext, pd.DataFrame(rows), config, mixer.token_share, mixer.sentence_share,
                   mixer.new_tokens + mixer.replay_tokens, shift)
