@@ -247,7 +247,7 @@ def summarize(rows: list[dict]) -> list[ClaimSummary]:
         out.append(ClaimSummary(
             claim, occurrence, mine[0]["kind"], mine[0]["always"], values,
             sorted(r["seed"] for r in mine if r["status"] == "FAILED"), min(margins) if margins else math.nan,
-            statistics.pstdev(values.values()) if len(values) > 1 else 0.0, _bound_text(mine)))
+            statistics.stdev(values.values()) if len(values) > 1 else 0.0, _bound_text(mine)))
     return sorted(out, key=ClaimSummary.sort_key)
 
 
