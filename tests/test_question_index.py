@@ -104,6 +104,37 @@ def test_a_renamed_section_is_reported_not_linked():
 
 
 @pytest.mark.parametrize("page", sorted((ROOT / "docs").glob("*.md")), ids=lambda p: p.name)
+def test_docs_pages_anchors_land_on_a_heading_or_a_cell(page):
+    import nbformat
+
+    found = {c.path.name: c for c in qi.chapters().values()}
+    for rel, fragment in LINK.findall(page.read_text(encoding="utf-8")):
+        path = (page.parent / rel).resolve()
+        if fragment.startswith("cell-id="):
+            assert fragment.removeprefix("cell-id=") in {c.id for c in nbformat.read(path, as_version=4).cells}
+        else:
+            anchors = {unquote(qi.jupyterlab_anchor(h)) for h in found[path.name].headings}
+            assert unquote(fragment) in anchors, f"{page.name}: {rel}#{fragment} is no section heading of {path.name}"
+
+
+GLOSSARY_TERMS = ["R (accuracy matrix)", "AA", "BWT", "FWT", "Forgetting", "Min-ACC", "WC-ACC", "Task-IL, Domain-IL",
+                  "Fisher information, exact", "Fisher, empirical", "Fisher, batch-squared", "EWC", "SI", "MAS", "LwF",
+                  "ER", "DER", "GEM", "A-GEM", "ProgNN", "PackNet", "WA", "BiC", "Stability gap", "LoRA",
+                  "Task vector", "TIES", "DARE", "k*, v*", "Causal tracing", "ROME", "MEMIT", "DPO", "Alignment tax",
+                  "KL to reference", "Re-warming"]
+
+
+def test_glossary_defines_each_term_once_with_a_link():
+    entries = re.findall(r"^- \*\*(.+?)\.\*\* (.+)$", (ROOT / "docs" / "glossary.md").read_text(encoding="utf-8"),
+                         re.MULTILINE)
+    terms = [term for term, _ in entries]
+    assert len(terms) == len(set(terms))
+    missing = [t for t in GLOSSARY_TERMS if not any(term.startswith(t) or f", {t}" in term for term in terms)]
+    assert not missing, f"the glossary lacks {missing}"
+    assert all(LINK.search(body) for _, body in entries), "every entry links to the section that defines it"
+
+
+@pytest.mark.parametrize("page", sorted((ROOT / "docs").glob("*.md")), ids=lambda p: p.name)
 def test_docs_pages_link_only_to_existing_notebooks_and_pages(page):
     for target in re.findall(r"\]\(([^)#\s]+\.(?:ipynb|md))(?:#[^)\s]*)?\)", page.read_text(encoding="utf-8")):
         assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
