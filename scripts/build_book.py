@@ -1,5 +1,5 @@
 """Build the workbook as a static HTML book: executed chapters with their figures and claims, a sidebar, the
-README's chapter table as the home page, the workshop plans and the question index.
+README's chapter table as the home page, the workshop plans, the question index and the claims ledger.
 
     python scripts/build_book.py                    # every chapter at its defaults → build/book/html/index.html
     python scripts/build_book.py 05 --smoke         # one chapter, quick SMOKE variant
@@ -32,6 +32,7 @@ REPORT_SOURCE = "check.report()"
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 REPORT_HEADING = "## Claims checked in this chapter"
 _README_LINK = re.compile(r"\]\(notebooks/([0-9]{2}_[\w-]+)\.ipynb\)")
+PAGES = ("workshops", "questions", "ledger")  # docs/<name>.md pages in the book, after the chapters
 _INDEX_LINK = re.compile(r"\[([^\]]+)\]\(\.\./notebooks/([0-9]{2}_[\w-]+)\.ipynb(?:#([^)\s]*))?\)")
 
 
@@ -98,7 +99,7 @@ def home_page(built: list[str]) -> str:
     body = table.group(0) if table else ""
     body = _README_LINK.sub(lambda m: f"]({m.group(1)}.ipynb)" if m.group(1) in built else "]()", body)
     body = re.sub(r"\[([^\]]+)\]\(\)", r"\1", body)
-    extra = [name for name in ("workshops", "questions") if (DOCS / f"{name}.md").exists()]
+    extra = [name for name in PAGES if (DOCS / f"{name}.md").exists()]
     toc = ["```{toctree}", ":caption: Chapters", ":hidden:", "", *built, "```", ""]
     if extra:
         toc += ["```{toctree}", ":caption: For instructors and readers", ":hidden:", "", *extra, "```", ""]
@@ -154,7 +155,7 @@ def build(chapters: list[str] | None, out: Path, smoke: bool, executed: Path | N
             if error:
                 failures.append(path.stem)
         built[path.stem] = headings(path)
-    for name in ("workshops", "questions"):
+    for name in PAGES:
         page = DOCS / f"{name}.md"
         if page.exists():
             (src / page.name).write_text(book_links(page.read_text(encoding="utf-8"), built), encoding="utf-8")

@@ -101,6 +101,12 @@ def test_question_index_links_land_on_the_chapter_sections(built):
     assert targets and set(targets) <= ids
 
 
+def test_the_claims_ledger_is_a_page_of_the_book(built):
+    html, _ = built
+    ledger_page = (html / "ledger.html").read_text(encoding="utf-8")
+    assert "The claims ledger" in ledger_page and 'href="ledger.html"' in (html / "index.html").read_text()
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is absent: bash scripts/install_browser.sh")
 def test_chapter_page_shows_title_figure_and_claims_in_chromium(built):
     from playwright.sync_api import sync_playwright
