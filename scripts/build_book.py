@@ -1,5 +1,7 @@
 """Build the workbook as a static HTML book: executed chapters with their figures and claims, a sidebar, the
-README's chapter table as the home page, the workshop plans, the question index and the claims ledger.
+README's chapter table (and its concept map) as the home page, the workshop plans, the question index, the
+cheat-sheet, the glossary and the claims ledger. Links from those pages to a drill question's cell
+(``NN_x.ipynb#cell-id=…``) land on that cell: the book's copy of the chapter gives it that anchor.
 
     python scripts/build_book.py                    # every chapter at its defaults → build/book/html/index.html
     python scripts/build_book.py 05 --smoke         # one chapter, quick SMOKE variant
@@ -32,7 +34,9 @@ REPORT_SOURCE = "check.report()"
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 REPORT_HEADING = "## Claims checked in this chapter"
 _README_LINK = re.compile(r"\]\(notebooks/([0-9]{2}_[\w-]+)\.ipynb\)")
-PAGES = ("workshops", "questions", "ledger")  # docs/<name>.md pages in the book, after the chapters
+# docs/<name>.md pages in the book, after the chapters
+PAGES = ("workshops", "questions", "cheatsheet", "glossary", "ledger")
+CELL_FRAGMENT = "cell-id="
 _INDEX_LINK = re.compile(r"\[([^\]]+)\]\(\.\./notebooks/([0-9]{2}_[\w-]+)\.ipynb(?:#([^)\s]*))?\)")
 
 
@@ -99,6 +103,7 @@ def home_page(built: list[str]) -> str:
     body = table.group(0) if table else ""
     body = _README_LINK.sub(lambda m: f"]({m.group(1)}.ipynb)" if m.group(1) in built else "]()", body)
     body = re.sub(r"\[([^\]]+)\]\(\)", r"\1", body)
+    body = body.replace("](docs/_static/", "](_static/")  # the README's images, from the book's copy of docs/_static
     extra = [name for name in PAGES if (DOCS / f"{name}.md").exists()]
     toc = ["```{toctree}", ":caption: Chapters", ":hidden:", "", *built, "```", ""]
     if extra:
@@ -119,11 +124,28 @@ def book_links(markdown: str, built: dict[str, list[str]]) -> str:
             return label
         if not fragment:
             return f"[{label}]({stem}.ipynb)"
+        if fragment.startswith(CELL_FRAGMENT):  # a cell's own anchor, which anchor_cells gives it in the book
+            return f'<a href="{stem}.html#{fragment}">{label}</a>'
         wanted = unquote(fragment).replace("-", " ")
         heading = next((h for h in built[stem] if h.replace("-", " ") == wanted), None)
         return f"[{label}]({stem}.ipynb#{github_slugify(heading)})" if heading else f"[{label}]({stem}.ipynb)"
 
     return _INDEX_LINK.sub(replace, markdown)
+
+
+def linked_cells(pages: list[Path]) -> set[str]:
+    """The ids of the cells that ``pages`` link to (``NN_x.ipynb#cell-id=<id>``, JupyterLab's cell fragment)."""
+    return {m for page in pages for m in re.findall(rf"#{CELL_FRAGMENT}([\w-]+)", page.read_text(encoding="utf-8"))}
+
+
+def anchor_cells(path: Path, ids: set[str]) -> None:
+    """Open each markdown cell of ``path`` whose id is in ``ids`` with an empty ``<a id="cell-id=<id>">``, so a
+    link to ``page.html#cell-id=<id>`` lands on it, as it does in JupyterLab (nbconvert's HTML names cells alike)."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and cell.get("id") in ids:
+            cell.source = f'<a id="{CELL_FRAGMENT}{cell.id}"></a>\n\n{cell.source}'
+    nbformat.write(nb, path)
 
 
 def has_figures(path: Path) -> bool:
@@ -143,6 +165,7 @@ def build(chapters: list[str] | None, out: Path, smoke: bool, executed: Path | N
     src.mkdir(parents=True)
     shutil.copytree(DOCS / "_static", src / "_static")
     failures, built = [], {}
+    linked = linked_cells(sorted(DOCS.glob("*.md")))
     for path in chapter_paths(chapters):
         target = src / path.name
         if executed:
@@ -155,6 +178,7 @@ def build(chapters: list[str] | None, out: Path, smoke: bool, executed: Path | N
             if error:
                 failures.append(path.stem)
         built[path.stem] = headings(path)
+        anchor_cells(target, linked)
     for name in PAGES:
         page = DOCS / f"{name}.md"
         if page.exists():
