@@ -93,6 +93,25 @@ def test_home_page_is_the_readme_chapter_table_with_a_sidebar(built):
     assert "bd-sidebar-primary" in home
 
 
+def test_a_link_to_a_drill_cell_lands_on_that_cell_in_the_book(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("## Interview drill"), nbformat.v4.new_markdown_cell("**L1.** Why?")]
+    path = tmp_path / "05_demo.ipynb"
+    nbformat.write(nb, path)
+    page = tmp_path / "questions.md"
+    page.write_text(f"| L1 | [Why?](../notebooks/05_demo.ipynb#cell-id={nb.cells[1].id}) |", encoding="utf-8")
+    ids = book.linked_cells([page])
+    assert ids == {nb.cells[1].id}
+    book.anchor_cells(path, ids)
+    cells = nbformat.read(path, as_version=4).cells
+    assert cells[0].source == "## Interview drill"
+    assert cells[1].source == f'<a id="cell-id={nb.cells[1].id}"></a>\n\n**L1.** Why?'
+    link = page.read_text(encoding="utf-8")
+    assert book.book_links(link, {"05_demo": []}) == (
+        f'| L1 | <a href="05_demo.html#cell-id={nb.cells[1].id}">Why?</a> |')
+    assert book.book_links(link, {}) == "| L1 | Why? |", "a chapter not in this build: plain text"
+
+
 def test_question_index_links_land_on_the_chapter_sections(built):
     html, page = built
     questions = (html / "questions.html").read_text(encoding="utf-8")
