@@ -29,15 +29,22 @@ student = _load("student_copies")
 DRILL = re.compile(r"(\*\*|<b>)\s*(L[123])\.\s*(\*\*|</b>)\s*(.+)")
 
 
-def _answers(markdown: str) -> list[str]:
-    """The folded text of every <details> block: what must not reach the student."""
+def _folds(markdown: str, hints: bool) -> list[str]:
+    """The folded text of every <details> block that is (``hints``) or is not a hint."""
     bodies = []
     for start, end in student.details_blocks(markdown):
         block = markdown[start:end]
-        summary = re.search(r"<summary\b[^>]*>.*?</summary>", block, re.DOTALL | re.IGNORECASE)
+        summary = re.search(r"<summary\b[^>]*>(.*?)</summary>", block, re.DOTALL | re.IGNORECASE)
+        if bool(summary and student._HINT_LABEL.match(student._plain(summary.group(1)))) != hints:
+            continue
         body = block[summary.end():] if summary else block
         bodies.append(re.sub(r"</details>\s*$", "", body, flags=re.IGNORECASE).strip())
     return [b for b in bodies if b]
+
+
+def _answers(markdown: str) -> list[str]:
+    """What must not reach the student: every fold but the hints."""
+    return _folds(markdown, hints=False)
 
 
 def _questions(nb) -> list[str]:
@@ -73,6 +80,8 @@ def test_answers_gone_questions_kept(copies, path):
     assert answers, f"{path.name} folds no answer in <details>: the template asks for them"
     leaked = [a[:60] for a in answers if a in pupil_text]
     assert not leaked, f"{path.name}: answers still in the student copy: {leaked}"
+    hints = [h for c in teacher.cells if c.cell_type == "markdown" for h in _folds(c.source, hints=True)]
+    assert all(h in pupil_text for h in hints), "the graded hints stay in the student copy"
     assert not any("solution" in c.metadata.get("tags", []) for c in pupil.cells)
     assert _questions(pupil) == _questions(teacher)
     kept_code = [c.source for c in teacher.cells if c.cell_type == "code"
@@ -94,6 +103,12 @@ def test_hand_made_notebook_every_form(tmp_path):
         nbformat.v4.new_code_cell("print('the exercise scaffold')"),
         nbformat.v4.new_code_cell("print('SECRET-5')", metadata={"tags": ["solution"]}),
         nbformat.v4.new_code_cell("check.at_least(acc, 0.9, 'claim')"),
+        nbformat.v4.new_markdown_cell("### Exercise 1.1 · Min-ACC ⭐⭐ · about 15 min\nWrite `min_acc(curves)`."),
+        nbformat.v4.new_code_cell("def min_acc(curves):\n    raise NotImplementedError"),
+        nbformat.v4.new_code_cell("exercises.check_min_acc(min_acc)"),
+        nbformat.v4.new_markdown_cell("<details><summary>Hint 1</summary>after the task end</details>\n"
+                                      "<details><summary>Hint 2</summary>strictly after</details>\n"
+                                      "<details><summary>Solution</summary>SECRET-6</details>"),
     ]
     (tmp_path / "in").mkdir()
     nbformat.write(nb, tmp_path / "in" / "01_demo.ipynb")
@@ -105,7 +120,9 @@ def test_hand_made_notebook_every_form(tmp_path):
     assert pupil.cells[1].source.startswith("<b>L2.</b> Why Class-IL?")
     assert "look at section 2" in text, "a hint is not an answer"
     assert [c.source for c in pupil.cells if c.cell_type == "code"] == [
-        "print('the exercise scaffold')", "check.at_least(acc, 0.9, 'claim')"]
+        "print('the exercise scaffold')", "check.at_least(acc, 0.9, 'claim')",
+        "def min_acc(curves):\n    raise NotImplementedError", "exercises.check_min_acc(min_acc)"]
+    assert "after the task end" in text and "strictly after" in text, "both graded hints stay"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
