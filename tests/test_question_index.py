@@ -1,5 +1,6 @@
-"""docs/: the question index is complete (D1–D8, L1–L3 with follow-ups, every drill question) and current, every
-link lands on an existing notebook and section heading, and the workshop plans quote the README's run times."""
+"""docs/: the question index is complete (every question of the five source notes, every drill question) and
+current, every link lands on an existing notebook and section heading, and the workshop plans quote the README's
+run times."""
 
 import importlib.util
 import re
@@ -8,7 +9,6 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 INDEX = ROOT / "docs" / "questions.md"
@@ -58,13 +58,65 @@ def test_each_drill_question_links_to_the_cell_that_asks_it():
             assert f"#cell-id={q.cell_id})" in qi.question_link(chapter, q)
 
 
-def test_source_questions_cover_l1_to_l3_with_follow_ups_and_d1_to_d8():
-    ids = [e["id"] for e in yaml.safe_load(qi.MAP.read_text(encoding="utf-8"))["questions"]]
-    expected = [f"L{(n - 1) // 4 + 1}.{n}" for n in range(1, 13)]
-    expected = [x for q in expected for x in (q, f"{q} follow-up")] + [f"D{n}" for n in range(1, 9)]
-    assert ids == expected
+SOURCES = ROOT.parent / "shared" / "sources"
+_L001 = [f"L{(n - 1) // 4 + 1}.{n}" for n in range(1, 13)]
+# Every question each source note raises, by the id docs/question_map.yml gives it (a new question needs an entry).
+SOURCE_IDS = {
+    "000": ["Q1", "Q2", "Q3", "Q3 follow-up", "Q4", "Q5"],
+    "001": [x for q in _L001 for x in (q, f"{q} follow-up")] + [f"D{n}" for n in range(1, 9)],
+    "002": [f"Q{n}" for n in range(8)],
+    "003": ["L1.1", "L1.2", "L1.3", "L2.1", "L2.2", "L2.3", "L3.1", "L3.2", "L3.3", "L3.4", "L3.5",
+            "§1.1", "§2.4", "§2.5", "§5"],
+    "004": ["Q0", "Q0 follow-up", "Q1", "Q2", "Q3", "Q4", "Q5"],
+}
+
+
+def _asked_in_note(note: str, text: str) -> int:
+    """How many questions a source note asks in its own words: the prompts its map entries paraphrase."""
+    if note == "000":  # the opening question, then the interviewer's prompts
+        return 1 + len(re.findall(r'^Interviewer: "', text, re.MULTILINE))
+    if note == "001":  # the numbered level questions with a follow-up each, and the deep dives
+        levels = text[text.index("L1 Foundations"):text.index("D1.")]
+        return 2 * len(re.findall(r"^\d+\. ", levels, re.MULTILINE)) + len(re.findall(r"^D\d\. ", text, re.MULTILINE))
+    if note == "002":
+        return text.count("**Interviewer:**")
+    if note == "003":  # the stratified follow-ups, one question mark each
+        return text[text.index("Stratified Interview Follow-ups"):text.index("§A")].count("?")
+    if note == "004":
+        return len(re.findall(r'^- "', text[text.index("Questions This Context Helps You Answer"):], re.MULTILINE))
+    raise ValueError(f"no counting rule for source note {note!r}: add one to _asked_in_note")
+
+
+_ASKED_ID = {"000": r"Q\d", "001": r"(L\d\.\d+( follow-up)?|D\d)", "002": r"Q\d", "003": r"L\d\.\d", "004": r"Q[1-9]"}
+
+
+def test_every_source_note_has_a_table_and_every_question_an_entry():
+    sources = qi.source_map()
+    assert [s["note"] for s in sources] == sorted(SOURCE_IDS)
     text = INDEX.read_text(encoding="utf-8")
-    assert all(f"| {i} |" in text for i in ids)
+    for source in sources:
+        ids = [e["id"] for e in source["questions"]]
+        assert ids == SOURCE_IDS[source["note"]], f"source {source['note']}: the map's ids changed"
+        assert all(e["question"].strip() and (e.get("answered_in") or e.get("planned") or e.get("note"))
+                   for e in source["questions"]), f"source {source['note']}: an entry with no question or no status"
+        table = text.split(f"### {source['note']} · ", 1)[1].split("\n### ", 1)[0]
+        assert all(f"| {i} |" in table for i in ids), f"source {source['note']}: a question missing from its table"
+
+
+@pytest.mark.skipif(not SOURCES.is_dir(), reason="the source notes (../shared/sources) are not beside this clone")
+@pytest.mark.parametrize("note", sorted(SOURCE_IDS))
+def test_the_map_has_as_many_entries_as_the_note_asks_questions(note):
+    source = next(s for s in qi.source_map() if s["note"] == note)
+    asked = _asked_in_note(note, (SOURCES / source["file"]).read_text(encoding="utf-8"))
+    entries = [e["id"] for e in source["questions"] if re.fullmatch(_ASKED_ID[note], e["id"])]
+    assert len(entries) == asked, f"source {note} asks {asked} questions, the map has {len(entries)} entries for them"
+
+
+def test_planned_names_a_chapter_and_a_bad_value_is_reported():
+    planned = [e for s in qi.source_map() for e in s["questions"] if e.get("planned")]
+    assert planned and all(qi.planned_text(e).startswith("*planned, chapter ") for e in planned)
+    with pytest.raises(ValueError, match="planned must read"):
+        qi.planned_text({"id": "X", "planned": "soon"})
 
 
 def test_every_drill_question_is_listed():
