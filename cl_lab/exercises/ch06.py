@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cl_lab.exercises._core import Exercise, expect, register
@@ -135,10 +134,10 @@ def _progressive_solution(net: ProgressiveNet, x: torch.Tensor, task_id: int) ->
     """net: a ProgressiveNet; x: [B, in_dim]. Returns column ``task_id``'s logits [B, n_out], computed from
     net.columns[k].layers, .laterals and .head (eq. 1 of Rusu et al.), without calling net(...)."""
     columns = net.columns[:task_id + 1]  # later columns are never read
-    h = [F.relu(c.layers[0](x)) for c in columns]  # layer 1 reads x in every column: [B, hidden[0]] each
+    h = [torch.relu(c.layers[0](x)) for c in columns]  # layer 1 reads x in every column: [B, hidden[0]] each
     for l in range(1, len(columns[0].layers)):
         # column k, layer l: relu(W_k h_k + Σ_{j<k} U_{k:j} h_j), every h from layer l − 1
-        h = [F.relu(c.layers[l](h[k]) + sum(u(h[j]) for j, u in enumerate(c.laterals[l - 1])))
+        h = [torch.relu(c.layers[l](h[k]) + sum(u(h[j]) for j, u in enumerate(c.laterals[l - 1])))
              for k, c in enumerate(columns)]
     top = columns[task_id]
     return top.head(h[task_id]) + sum(u(h[j]) for j, u in enumerate(top.laterals[-1]))  # the head reads them too
@@ -146,18 +145,18 @@ def _progressive_solution(net: ProgressiveNet, x: torch.Tensor, task_id: int) ->
 
 def _progressive_no_head_laterals(net, x, task_id):
     columns = net.columns[:task_id + 1]
-    h = [F.relu(c.layers[0](x)) for c in columns]
+    h = [torch.relu(c.layers[0](x)) for c in columns]
     for l in range(1, len(columns[0].layers)):
-        h = [F.relu(c.layers[l](h[k]) + sum(u(h[j]) for j, u in enumerate(c.laterals[l - 1])))
+        h = [torch.relu(c.layers[l](h[k]) + sum(u(h[j]) for j, u in enumerate(c.laterals[l - 1])))
              for k, c in enumerate(columns)]
     return columns[task_id].head(h[task_id])
 
 
 def _progressive_relu_before_laterals(net, x, task_id):
     columns = net.columns[:task_id + 1]
-    h = [F.relu(c.layers[0](x)) for c in columns]
+    h = [torch.relu(c.layers[0](x)) for c in columns]
     for l in range(1, len(columns[0].layers)):
-        h = [F.relu(c.layers[l](h[k])) + sum(u(h[j]) for j, u in enumerate(c.laterals[l - 1]))
+        h = [torch.relu(c.layers[l](h[k])) + sum(u(h[j]) for j, u in enumerate(c.laterals[l - 1]))
              for k, c in enumerate(columns)]
     top = columns[task_id]
     return top.head(h[task_id]) + sum(u(h[j]) for j, u in enumerate(top.laterals[-1]))
@@ -165,13 +164,13 @@ def _progressive_relu_before_laterals(net, x, task_id):
 
 def _progressive_previous_column_only(net, x, task_id):
     columns = net.columns[:task_id + 1]
-    h = [F.relu(c.layers[0](x)) for c in columns]
+    h = [torch.relu(c.layers[0](x)) for c in columns]
 
     def lateral(c, k, maps):
         return maps[k - 1](h[k - 1]) if k > 0 else 0.0
 
     for l in range(1, len(columns[0].layers)):
-        h = [F.relu(c.layers[l](h[k]) + lateral(c, k, c.laterals[l - 1])) for k, c in enumerate(columns)]
+        h = [torch.relu(c.layers[l](h[k]) + lateral(c, k, c.laterals[l - 1])) for k, c in enumerate(columns)]
     top = columns[task_id]
     return top.head(h[task_id]) + lateral(top, task_id, top.laterals[-1])
 
