@@ -47,16 +47,15 @@ def _curves(seed: int, T: int = 4, steps_per_task: int = 12) -> tuple[np.ndarray
 
 # --- Exercise 8.1 · Min-ACC -----------------------------------------------------------------------------------------
 
-def _min_acc_stub(acc, t_end: list[int]) -> list[float]:
+def _min_acc_stub(acc: np.ndarray, t_end: list[int]) -> list[float]:
     """acc: [T, N + 1] accuracy of task j after n updates; t_end: [T] the step of each task's last update.
     Returns [T − 1] Min-ACC_j = min over n > t_end[j] of acc[j, n], for every task but the last."""
     raise NotImplementedError
 
 
-def _min_acc_solution(acc, t_end: list[int]) -> list[float]:
+def _min_acc_solution(acc: np.ndarray, t_end: list[int]) -> list[float]:
     """acc: [T, N + 1] accuracy of task j after n updates; t_end: [T] the step of each task's last update.
     Returns [T − 1] Min-ACC_j = min over n > t_end[j] of acc[j, n], for every task but the last."""
-    acc = np.asarray(acc)
     # strictly after t_j: the evaluation at t_j is the end-of-task model, before the next task's first update
     return [float(acc[j, t_end[j] + 1:].min()) for j in range(len(t_end) - 1)]
 
@@ -115,23 +114,22 @@ check_min_acc = register(Exercise(
 
 # --- Exercise 8.2 · WC-ACC ------------------------------------------------------------------------------------------
 
-def _wc_acc_stub(acc, t_end: list[int], k: int) -> float:
+def _wc_acc_stub(acc: np.ndarray, t_end: list[int], k: int) -> float:
     """acc: [T, N + 1]; t_end: [T]; k: a task index (0-based). Returns WC-ACC after training task k: task k's
     accuracy at t_end[k] weighted 1/(k + 1), and the mean Min-ACC of tasks 0..k − 1 over t_end[j] < n ≤ t_end[k]
     weighted k/(k + 1)."""
     raise NotImplementedError
 
 
-def _wc_acc_solution(acc, t_end: list[int], k: int) -> float:
+def _wc_acc_solution(acc: np.ndarray, t_end: list[int], k: int) -> float:
     """acc: [T, N + 1]; t_end: [T]; k: a task index (0-based). Returns WC-ACC after training task k: task k's
     accuracy at t_end[k] weighted 1/(k + 1), and the mean Min-ACC of tasks 0..k − 1 over t_end[j] < n ≤ t_end[k]
     weighted k/(k + 1)."""
-    acc = np.asarray(acc)
     newest = acc[k, t_end[k]]  # a_k(t_k): the newest task at its own end
     if k == 0:
         return float(newest)
     mins = [acc[j, t_end[j] + 1: t_end[k] + 1].min() for j in range(k)]  # only what happened up to t_k
-    return float(newest / (k + 1) + (1 - 1 / (k + 1)) * np.mean(mins))
+    return float(newest / (k + 1) + (1 - 1 / (k + 1)) * sum(mins) / k)
 
 
 def _wc_acc_whole_run(acc, t_end, k):
