@@ -51,7 +51,7 @@ def test_load_params_names_missing_extra_and_misshapen_parameters(lab):
         merge.model_with(lab, missing)
     with pytest.raises(ValueError, match=r"missing \[\], extra \['lm_head.weight'\]"):
         merge.model_with(lab, {**state, "lm_head.weight": state["transformer.wte.weight"]})
-    with pytest.raises(ValueError, match=r"state\['transformer.ln_f.bias'\] must have shape \(32,\), got \(31,\)"):
+    with pytest.raises(ValueError, match=r"state\['transformer.ln_f.bias'\] must have shape \(64,\), got \(31,\)"):
         merge.model_with(lab, {**state, "transformer.ln_f.bias": torch.zeros(31)})
 
 
@@ -95,6 +95,8 @@ def test_probe_splits_each_test_set_into_disjoint_halves_and_scores(lab):
         assert len(xv) + len(xt) == len(task.x_test) and len(xv) == len(task.x_test) // 2
         both = sorted(map(tuple, torch.cat([xv, xt]).tolist()))
         assert both == sorted(map(tuple, task.x_test.tolist()))
+    assert len(probe.pretrained_facts) == 12 and set(probe.pretrained_facts) <= set(lab.world.train_facts)
+    assert torch.equal(probe.pretrained[1], lm.fact_batch(lab.tokenizer, probe.pretrained_facts)[1])
     row = probe.score(lab.model)
     assert list(row) == ["new people 1", "plays", "mean", "pretrained", "perplexity"]
     assert row["perplexity"] == pytest.approx(lm.perplexity(lab.model, lab.tokenizer, list(probe.general)))
@@ -258,3 +260,29 @@ def test_multitask_and_sequential_train_from_the_base(setup):
     assert out["multi-task"].keys() == setup.base.keys()
     assert not _same(out["multi-task"], setup.base) and not _same(out["sequential"], out["multi-task"])
     assert np.all((out["R"] >= 0) & (out["R"] <= 1))
+
+
+# ---------------------------------------------------------------- the optimizer null
+
+
+def test_null_stream_draws_known_facts_apart_from_the_probe_s(setup):
+    from cl_lab.lm import nulls
+
+    null = ch10.null_stream(setup)
+    scored = nulls.fact_keys(setup.probe.pretrained_facts)
+    keys = [nulls.fact_keys(t.train_facts) for t in null.tasks]
+    assert len(null.tasks) == len(setup.stream.tasks)
+    assert all(not (k & scored) for k in keys) and sum(map(len, keys)) == len(set().union(*keys))
+    assert [len(t.y_train) for t in null.tasks] == [16, 16, 8]  # the tasks hold 16, 16 and 6 prompts: 4 a fact
+    assert all(lm.recall(setup.lab.model, setup.lab.tokenizer, t.train_facts) == 1.0 for t in null.tasks)
+
+
+def test_null_finetunes_train_like_the_fine_tunes_and_are_cached(setup):
+    states = ch10.null_finetunes(CONFIG)
+    assert len(states) == 3 and ch10.null_finetunes(CONFIG) is states
+    null = ch10.null_stream(setup)
+    again = setup.fine_tune(merge.one_task(null, 1), seed=CONFIG.seed + 1)  # task 1's settings and seed
+    assert _same(again, states[1])
+    assert not _same(states[0], setup.base)
+    sequential = ch10.null_sequential(CONFIG)
+    assert _same(sequential, setup.fine_tune(null, seed=CONFIG.seed)) and not _same(sequential, states[2])

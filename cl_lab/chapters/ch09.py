@@ -258,13 +258,13 @@ OPTIMIZER_NULLS = {"Adam, lr 1e-3": ("adam", 1e-3, None), "Adam, lr 1e-4": ("ada
                    "Adam, lr 1e-3 after a warm-up": ("adam", 1e-3, 0.4), "SGD, lr 0.1": ("sgd", 0.1, None)}
 
 
-def optimizer_nulls(lab: lm.Lab, stream: Stream, steps: int = 20, batch_size: int = 32, seed: int = 0,
-                    settings: dict[str, tuple[str, float, float | None]] = OPTIMIZER_NULLS,
+def optimizer_nulls(lab: lm.Lab, stream: Stream, steps: int = 15, batch_size: int = 32, seed: int = 0,
+                    settings: dict[str, tuple[str, float, float | None]] = OPTIMIZER_NULLS, eval_samples: int = 150,
                     device: str | torch.device = "cpu") -> pd.DataFrame:
     """Full fine-tuning of the pretrained LM on the first task of ``null_stream(lab, stream, seed)`` (facts it
     already recalls) for ``steps`` steps under each of ``settings`` ({label: (optimizer, lr, warm-up share or
-    None)}), the scored pretraining facts evaluated after every step. Returns one row per (setting, step k =
-    0..steps): the scored facts' recall after k steps."""
+    None)}), a seeded draw of ``eval_samples`` of the scored pretraining facts evaluated after every step (the
+    same draw for every setting). Returns one row per (setting, step k = 0..steps): their recall after k steps."""
     null = null_stream(lab, stream, seed)
     one = Stream(null.name, null.scenario, null.tasks[:1], null.n_out, null.input_shape,
                  eval_tasks=null.eval_tasks[:1])
@@ -272,8 +272,8 @@ def optimizer_nulls(lab: lm.Lab, stream: Stream, steps: int = 20, batch_size: in
     for label, (optimizer, lr, warmup) in settings.items():
         methods = Schedule(steps, warmup=warmup) if warmup else None
         run = train.fit(lab.copy().as_classifier(), one, methods, steps=steps, lr=lr, batch_size=batch_size,
-                        optimizer=optimizer, eval_every=1, eval_samples=len(one.eval_tasks[0].y_test), seed=seed,
-                        device=device, progress=False)
+                        optimizer=optimizer, eval_every=1, eval_samples=eval_samples, seed=seed, device=device,
+                        progress=False)
         rows += [{"setting": label, "step": int(k), "recall": float(recall)}
                  for k, recall in run.curves.set_index("step")["accuracy"].items()]
     return pd.DataFrame(rows)

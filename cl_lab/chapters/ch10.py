@@ -1,10 +1,11 @@
 """Chapter 10 helpers (model merging).
 
 On the tiny language model (``cl_lab.lm``): one fine-tune of the pretrained LM per task (new people, a new
-relation, a question format), their task vectors, and every measurement the chapter makes of a merge: the λ
-curve, negation against a random-direction null, TIES and DARE with λ chosen on held-out facts, DARE's drop
-rate against the size of the delta, the merge against multi-task and sequential fine-tuning, LoRA adapters
-summed against routed, WiSE-FT's curve, and the playground's cached callback.
+relation, a question format), their task vectors, the optimizer null of each (the same fine-tuning on facts the
+LM already recalls), and every measurement the chapter makes of a merge: the λ curve, negation against a
+random-direction null, TIES and DARE with λ chosen on held-out facts, DARE's drop rate against the size of the
+delta, the merge against multi-task and sequential fine-tuning, LoRA adapters summed against routed, WiSE-FT's
+curve, and the playground's cached callback.
 
 On an MLP (permuted MNIST), what the LM cannot show cheaply: networks from different random initialisations
 have no shared basin (the loss barrier along the straight line between them).
@@ -28,9 +29,11 @@ import torch.nn.functional as F
 
 from cl_lab import _validate, data, lm, models, train
 from cl_lab.chapters.ch02 import mnist
+from cl_lab.chapters.ch09 import renderings_per_fact
 from cl_lab.data.streams import Stream, Task
 from cl_lab.device import pick_device, seed_everything
 from cl_lab.lm import merge as lm_merge
+from cl_lab.lm import nulls
 from cl_lab.lm.evaluate import object_logits
 from cl_lab.methods import merging
 
@@ -64,11 +67,12 @@ class LMConfig:
 
 
 def smoke_config(seed: int = 0) -> LMConfig:
-    """A configuration that runs in seconds: a one-layer LM pretrained for 30 steps, tiny tasks, 3 steps."""
-    lab = (("n_layer", 1), ("n_head", 2), ("n_embd", 32), ("n_subjects", 20), ("n_general", 100),
-           ("n_general_test", 20), ("steps", 30), ("batch_size", 16))
-    return LMConfig(seed=seed, tasks=(("subjects", 2), ("relation", 4), ("format", 6)), steps=3, lr=1e-3,
-                    batch_size=8, n_pretrained=24, n_general=10, lab=lab)
+    """A configuration that runs in seconds: a one-layer LM pretrained for 200 steps (long enough to recall the
+    dozen facts the optimizer null needs), tiny tasks, 3 steps."""
+    lab = (("n_layer", 1), ("n_head", 2), ("n_embd", 64), ("n_subjects", 20), ("n_general", 100),
+           ("n_general_test", 20), ("steps", 200), ("batch_size", 16), ("lr", 1e-2), ("warmup", 10))
+    return LMConfig(seed=seed, tasks=(("subjects", 1), ("relation", 4), ("format", 6)), steps=3, lr=1e-3,
+                    batch_size=8, n_pretrained=12, n_general=10, lab=lab)
 
 
 @dataclass
@@ -159,6 +163,35 @@ def cosine_matrix(task_vectors: Sequence[State]) -> np.ndarray:
         for j in range(i + 1, k):
             out[i, j] = out[j, i] = merging.cosine_similarity(task_vectors[i], task_vectors[j])
     return out
+
+
+# ---------------------------------------------------------------- the optimizer null
+
+
+def null_stream(setup: LMSetup) -> Stream:
+    """One task of pretraining facts the LM already recalls per task of the chapter, with about as many prompts
+    (``lm.nulls.known_fact_stream``), disjoint from one another and from the probe's scored pretraining facts."""
+    per_fact = renderings_per_fact(setup.lab.world)
+    sizes = [max(1, round(len(t.y_train) / per_fact)) for t in setup.stream.tasks]
+    return nulls.known_fact_stream(setup.lab, sizes, setup.config.seed, exclude=setup.probe.pretrained_facts)
+
+
+@_cached_by_config
+def null_finetunes(config: LMConfig = LMConfig()) -> tuple[State, ...]:
+    """The optimizer null of each fine-tune: θ_0 fine-tuned exactly as task k's fine-tune is (steps, lr, batch,
+    replay, seed) on the k-th task of ``null_stream``, which teaches nothing new. What the probe's pretraining
+    facts lose there is the optimizer's own cost; merging these states is the null of a merge."""
+    setup = lm_setup(config)
+    null = null_stream(setup)
+    return tuple(setup.fine_tune(lm_merge.one_task(null, k), seed=config.seed + k) for k in range(len(null)))
+
+
+@_cached_by_config
+def null_sequential(config: LMConfig = LMConfig()) -> State:
+    """The optimizer null of sequential fine-tuning: θ_0 through ``null_stream``'s tasks in order at the
+    chapter's settings, as ``multitask_and_sequential`` goes through the real ones."""
+    setup = lm_setup(config)
+    return setup.fine_tune(null_stream(setup), seed=config.seed)
 
 
 # ---------------------------------------------------------------- task arithmetic and negation

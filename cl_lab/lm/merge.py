@@ -31,6 +31,7 @@ from cl_lab.data.streams import Stream, Task
 from cl_lab.lm.evaluate import fact_batch, object_logits, perplexity
 from cl_lab.lm.lab import Lab, LMClassifier
 from cl_lab.lm.stream import KINDS, fact_stream
+from cl_lab.lm.world import Fact
 
 State = dict[str, torch.Tensor]
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # GPT-2's attention and MLP projections (Conv1D layers)
@@ -134,7 +135,8 @@ def balanced_union(stream: Stream, seed: int = 0) -> Stream:
 @dataclass(frozen=True)
 class Probe:
     """The measurements of a merged model: recall of each task's object on its validation and test halves,
-    recall of a sample of the pretraining facts, and perplexity on a sample of the held-out general text."""
+    recall of a sample of the pretraining facts (``pretrained_facts``, encoded as ``pretrained``), and
+    perplexity on a sample of the held-out general text."""
 
     names: tuple[str, ...]
     val: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per task: x [N, L], y [N]
@@ -142,6 +144,7 @@ class Probe:
     pretrained: tuple[torch.Tensor, torch.Tensor]
     general: tuple[str, ...]
     tokenizer: object
+    pretrained_facts: tuple[Fact, ...] = ()
 
     def recall(self, model: nn.Module, split: str = "test") -> list[float]:
         """Object recall on each task's ``split`` half ("val" or "test"), a float64 share (38/40 is 0.95 exactly)."""
@@ -181,7 +184,7 @@ def make_probe(lab: Lab, stream: Stream, n_pretrained: int = 480, n_general: int
     facts = [world.train_facts[i] for i in torch.randperm(len(world.train_facts), generator=gen)[:n_pretrained]]
     general = [world.general_test[i] for i in torch.randperm(len(world.general_test), generator=gen)[:n_general]]
     return Probe(tuple(t.name for t in stream.tasks), tuple(val), tuple(test), fact_batch(lab.tokenizer, facts),
-                 tuple(general), lab.tokenizer)
+                 tuple(general), lab.tokenizer, tuple(facts))
 
 
 # ---------------------------------------------------------------- training
