@@ -20,10 +20,10 @@ from torch import nn
 from cl_lab import exercises
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAPTERS = {"01": "01_forgetting", "02": "02_ewc_fisher", "03": "03_si_mas"}
+CHAPTERS = {"01": "01_forgetting", "02": "02_ewc_fisher", "03": "03_si_mas", "04": "04_replay"}
 EXERCISES = [e for e in exercises.all() if e.chapter in CHAPTERS]
 WRONG = [(e, label) for e in EXERCISES for label in e.wrong_answers]
-MIN_PER_CHAPTER = {"01": 2, "02": 3, "03": 2}
+MIN_PER_CHAPTER = {"01": 2, "02": 3, "03": 2, "04": 2}
 
 
 def _id(exercise) -> str:
