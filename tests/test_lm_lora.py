@@ -216,12 +216,12 @@ def test_null_stream_trains_known_facts_apart_from_the_scored_ones(knowing_lab, 
     null = ch09.null_stream(knowing_lab, chapter_stream, seed=0)
     scored = nulls.fact_keys(chapter_stream.eval_tasks[0].train_facts)
     keys = [nulls.fact_keys(t.train_facts) for t in null.tasks]
-    assert null.eval_tasks[0] is chapter_stream.eval_tasks[0] and len(null.tasks) == len(chapter_stream.tasks)
+    assert null.eval_tasks == [chapter_stream.eval_tasks[0]] and len(null.tasks) == len(chapter_stream.tasks)
     assert all(not (k & scored) for k in keys) and not (keys[0] & keys[1]) and not (keys[1] & keys[2])
     assert [len(k) for k in keys] == [8, 3, 1]  # the chapter's prompts over the 4 renderings per fact, rounded
     assert ch09.renderings_per_fact(knowing_lab.world) == 4
     assert all(recall(knowing_lab.model, knowing_lab.tokenizer, t.train_facts) == 1.0 for t in null.tasks)
-    assert {t.x_train.shape[1] for t in null.eval_tasks} == {chapter_stream.input_shape[0]}
+    assert {t.x_train.shape[1] for t in null.tasks} == {chapter_stream.input_shape[0]}
     assert ch09.null_stream(knowing_lab, chapter_stream, seed=0).tasks[0].train_facts == null.tasks[0].train_facts
 
 
@@ -232,7 +232,7 @@ def test_null_run_trains_like_the_learners_and_scores_the_same_facts(knowing_lab
     run = ch09.null_run(knowing_lab, null, "shared LoRA", rank=2, alpha=4.0, steps=3, lr=1e-2, max_facts=10)
     learner = ch09.run_setup(knowing_lab, chapter_stream, "shared LoRA", rank=2, alpha=4.0, steps=3, lr=1e-2,
                              max_facts=10)
-    assert run.R.shape == (3, 4) and run.b[0] == learner.run.b[0]  # the same scored facts, from the same LM
+    assert run.R.shape == (3, 1) and run.b[0] == learner.run.b[0]  # the same scored facts, from the same LM
     assert run.config["steps"] == 3 and run.config["lr"] == 1e-2 and run.config["optimizer"] == "adam"
     with pytest.raises(ValueError, match="shared learner"):
         ch09.null_run(knowing_lab, null, "per-task LoRA")
