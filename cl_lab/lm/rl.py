@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cl_lab import _validate
 from cl_lab.lm.tokenizer import encode
-from cl_lab.lm.world import RELATIONS, Fact
+from cl_lab.lm.world import Fact
 
 LOSS_TYPES = ("grpo", "dapo")
 
@@ -112,7 +112,7 @@ def first_answer(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def answer_reward(ids: torch.Tensor, mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """The verifiable reward [B]: 1.0 where the completion's first token is one its row accepts (allowed [B, V],
-    True for an accepted token: the right object, or every word but a city), else 0."""
+    True for an accepted token), else 0."""
     first = first_answer(ids, mask)  # [B]
     return allowed[torch.arange(len(first)), first].float()
 
@@ -269,20 +269,21 @@ def grpo(start: nn.Module, prompts: torch.Tensor, allowed: torch.Tensor, config:
     return policy.eval().requires_grad_(False), pd.DataFrame(trajectory)
 
 
-def question_task(tokenizer: PreTrainedTokenizerBase, facts: Sequence[Fact], *, refuse: Sequence[str] = ()
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """prompts [N, Lp] (right-padded question prompts of ``facts``) and allowed [N, V] for ``grpo``: each fact's
-    object is the one accepted first word; for a fact whose relation is in ``refuse``, every word but that
-    relation's objects is (the verifier of a refusal: name no city, whatever else is said)."""
+def question_task(tokenizer: PreTrainedTokenizerBase, facts: Sequence[Fact], *,
+                  answers: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompts [N, Lp] (right-padded question prompts of ``facts``) and allowed [N, V] for ``grpo``: the one
+    accepted first word of each answer, the fact's object, or the first word of ``answers[i]`` where given (e.g.
+    a refusal's, for a question that must not be answered)."""
     facts = list(facts)
     if not facts:
         raise ValueError("facts must hold at least one question, got none")
+    words = [f.object for f in facts] if answers is None else [a.split()[0] for a in answers]
+    if len(words) != len(facts):
+        raise ValueError(f"answers must match facts one to one, got {len(words)} for {len(facts)}")
     vocab = tokenizer.get_vocab()
+    missing = [w for w in words if w not in vocab]
+    if missing:
+        raise ValueError(f"answers must start with a word of the vocabulary, got {missing[:5]}")
     allowed = torch.zeros(len(facts), len(vocab), dtype=torch.bool)  # [N, V]
-    for i, f in enumerate(facts):
-        if f.relation in refuse:
-            allowed[i] = True
-            allowed[i, [vocab[o] for o in RELATIONS[f.relation].objects]] = False
-        else:
-            allowed[i, vocab[f.object]] = True
+    allowed[torch.arange(len(facts)), torch.tensor([vocab[w] for w in words])] = True
     return encode(tokenizer, [f.prompt for f in facts]), allowed
