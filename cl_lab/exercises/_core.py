@@ -7,14 +7,60 @@ random inputs and calls ``expect`` once per property. ``register`` turns that in
 - in a notebook it never raises: an unsolved stub prints "not attempted yet", a wrong answer prints in red
   the property that failed (what was expected, what came back), a right answer prints one green line;
 - with ``strict=True`` (the tests) every failure raises ``AssertionError`` with the same message.
+
+Helpers the chapter modules share: ``unsolved`` makes a stub from a solution, ``tensors_close`` compares a
+learner's tensor with a reference, and ``seeded_inputs`` / ``seeded_mlp`` / ``seeded_linear`` build the small
+seeded random cases the properties run on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
+from torch import nn
+
 from cl_lab.check import GREEN, GREY, RED, RESET
+from cl_lab.models import MLP
+
+
+def unsolved(solution: Callable) -> Callable:
+    """The learner's starting point: ``solution``'s name, signature and docstring, and a body that raises
+    ``NotImplementedError`` (which ``Exercise.check`` reports as "not attempted yet")."""
+
+    @functools.wraps(solution)
+    def stub(*args, **kwargs):
+        raise NotImplementedError(f"{solution.__name__} is not written yet")
+
+    return stub
+
+
+def tensors_close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4) -> bool:
+    """Same shape, and equal entry by entry within ``rtol`` relative to each entry and to ``want``'s largest
+    magnitude (so near-zero entries do not demand exact equality); ``got`` may still carry a graph."""
+    return got.shape == want.shape and bool(torch.allclose(got.detach().float(), want.float(), rtol=rtol,
+                                                           atol=rtol * float(want.abs().max()) + 1e-12))
+
+
+def seeded_inputs(seed: int, n: int, d: int, scale: float = 1.0) -> torch.Tensor:
+    """Standard-normal inputs x [n, d] times ``scale``, drawn from a generator of their own seeded with ``seed``
+    (the global torch seed is left alone)."""
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def seeded_mlp(seed: int, d: int, hidden: Sequence[int], out: int) -> MLP:
+    """``MLP(d, hidden, out)`` initialised right after ``torch.manual_seed(seed)``: the same weights on every call."""
+    torch.manual_seed(seed)
+    return MLP(d, hidden, out)
+
+
+def seeded_linear(seed: int, d: int, out: int) -> nn.Sequential:
+    """One ``nn.Linear(d, out)`` (parameters ``0.weight`` [out, d] and ``0.bias`` [out]) initialised right after
+    ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, out))
 
 
 class PropertyFailed(AssertionError):

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cl_lab import metrics
-from cl_lab.exercises._core import Exercise, expect, register
-from cl_lab.models import MLP
-
-
-def _unsolved(solution):
-    """The learner's starting point: ``solution``'s name, signature and docstring, and no body."""
-
-    @functools.wraps(solution)
-    def stub(*args, **kwargs):
-        raise NotImplementedError(f"{solution.__name__} is not written yet")
-
-    return stub
-
+from cl_lab.exercises._core import Exercise, expect, register, seeded_mlp, unsolved
 
 # ---- Exercise 1.1 · BWT and forgetting from R ---------------------------------------------------------------
 
@@ -92,7 +78,7 @@ def _forgetting_as_minus_bwt(R):
 
 check_bwt_and_forgetting = register(Exercise(
     name="bwt_and_forgetting", chapter="01", title="BWT and forgetting from the accuracy matrix", difficulty=1,
-    minutes=10, stub=_unsolved(bwt_and_forgetting), solution=bwt_and_forgetting,
+    minutes=10, stub=unsolved(bwt_and_forgetting), solution=bwt_and_forgetting,
     properties=_bwt_and_forgetting_properties,
     wrong_answers={"BWT averaged over all T tasks (the last one adds a zero)": _bwt_over_all_tasks,
                    "BWT with the sign flipped (just learned − final)": _bwt_sign_flipped,
@@ -119,8 +105,7 @@ def gradient_cosine(model, x_old, y_old, x_new, y_new):
 
 def _cosine_case(seed: int):
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = MLP(6, (8, 8), 3)
+    model = seeded_mlp(seed, 6, (8, 8), 3)
     x_old, x_new = torch.randn(20, 6, generator=gen), torch.randn(16, 6, generator=gen) + 0.5
     y_old, y_new = torch.randint(3, (20,), generator=gen), torch.randint(3, (16,), generator=gen)
     return model, (x_old, y_old, x_new, y_new)
@@ -184,7 +169,7 @@ def _dot_product(model, x_old, y_old, x_new, y_new):
 
 check_gradient_cosine = register(Exercise(
     name="gradient_cosine", chapter="01", title="The gradient-interference cosine", difficulty=2, minutes=15,
-    stub=_unsolved(gradient_cosine), solution=gradient_cosine, properties=_gradient_cosine_properties,
+    stub=unsolved(gradient_cosine), solution=gradient_cosine, properties=_gradient_cosine_properties,
     wrong_answers={"two .backward() calls without zeroing (the second gradient is g_old + g_new)":
                    _cosine_with_accumulated_grads,
                    "the mean of per-layer cosines": _mean_of_per_layer_cosines,

@@ -3,7 +3,6 @@ EWC's penalty."""
 
 from __future__ import annotations
 
-import functools
 from unittest import mock
 
 import torch
@@ -11,24 +10,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from cl_lab import fisher
-from cl_lab.exercises._core import Exercise, expect, register
+from cl_lab.exercises._core import (
+    Exercise,
+    expect,
+    register,
+    seeded_inputs,
+    seeded_linear,
+    seeded_mlp,
+    tensors_close,
+    unsolved,
+)
 from cl_lab.methods.regularization import EWC
-from cl_lab.models import MLP
-
-
-def _unsolved(solution):
-    """The learner's starting point: ``solution``'s name, signature and docstring, and no body."""
-
-    @functools.wraps(solution)
-    def stub(*args, **kwargs):
-        raise NotImplementedError(f"{solution.__name__} is not written yet")
-
-    return stub
-
-
-def _close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4) -> bool:
-    return got.shape == want.shape and bool(torch.allclose(got.float(), want.float(), rtol=rtol,
-                                                           atol=rtol * float(want.abs().max()) + 1e-12))
 
 
 def _number(value) -> float:
@@ -58,13 +50,13 @@ def _per_sample_square_sum_properties(fn) -> None:
            tuple(got.shape) if torch.is_tensor(got) else type(got).__name__)
     expect(bool((got >= 0).all()), "every entry is a sum of squares, so ≥ 0", "≥ 0", f"min {float(got.min()):.3g}")
     one = fn(a[:1], g[:1])
-    expect(_close(one, torch.outer(g[0], a[0]).pow(2)), "one sample: the square of its outer product g aᵀ",
+    expect(tensors_close(one, torch.outer(g[0], a[0]).pow(2)), "one sample: the square of its outer product g aᵀ",
            "(g₀ a₀ᵀ)²", "another matrix")
     loop = sum(torch.outer(g[b], a[b]).pow(2) for b in range(len(a)))
-    expect(_close(got, loop), "equals the per-sample loop Σ_b (g_b a_bᵀ)²", f"sum {float(loop.sum()):.4g}",
+    expect(tensors_close(got, loop), "equals the per-sample loop Σ_b (g_b a_bᵀ)²", f"sum {float(loop.sum()):.4g}",
            f"sum {float(got.sum()):.4g}")
     twice = fn(torch.cat([a, a]), torch.cat([g, g]))
-    expect(_close(twice, 2 * loop), "a sum over samples: every sample twice gives twice the result",
+    expect(tensors_close(twice, 2 * loop), "a sum over samples: every sample twice gives twice the result",
            f"sum {float(2 * loop.sum()):.4g}", f"sum {float(twice.sum()):.4g}")
 
 
@@ -78,7 +70,7 @@ def _product_of_the_sums(a, g):
 
 check_per_sample_square_sum = register(Exercise(
     name="per_sample_square_sum", chapter="02", title="Per-sample squares in one matrix product", difficulty=1,
-    minutes=10, stub=_unsolved(per_sample_square_sum), solution=per_sample_square_sum,
+    minutes=10, stub=unsolved(per_sample_square_sum), solution=per_sample_square_sum,
     properties=_per_sample_square_sum_properties,
     wrong_answers={"the square of the summed gradient (gᵀa)²: a batch-squared Fisher": _square_of_the_summed_gradient,
                    "Σ_b g_b² times Σ_b a_b² (squares summed separately)": _product_of_the_sums}))
@@ -127,15 +119,11 @@ def _backward_calls(fn) -> tuple[object, int]:
 
 
 def _fisher_case(seed: int, hidden: tuple[int, ...] = (6,), n: int = 12, classes: int = 4):
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    return MLP(5, hidden, classes), torch.randn(n, 5, generator=gen) * 1.5
+    return seeded_mlp(seed, 5, hidden, classes), seeded_inputs(seed, n, 5, scale=1.5)
 
 
 def _exact_fisher_properties(fn) -> None:
-    torch.manual_seed(0)
-    linear = nn.Sequential(nn.Linear(5, 3))
-    x = torch.randn(10, 5, generator=torch.Generator().manual_seed(0)) * 1.5
+    linear, x = seeded_linear(0, 5, 3), seeded_inputs(0, 10, 5, scale=1.5)
     got = fn(linear, x)
     expect(isinstance(got, dict) and set(got) == {"0.weight", "0.bias"}, "returns {parameter name: tensor}",
            "keys ['0.bias', '0.weight']", sorted(got) if isinstance(got, dict) else type(got).__name__)
@@ -147,14 +135,14 @@ def _exact_fisher_properties(fn) -> None:
         p = F.softmax(linear(x), dim=1)  # [N, C]
     spread = p * (1 - p)  # for a softmax layer Σ_c p_c (δ_ck − p_k)² = p_k (1 − p_k)
     by_hand = {"0.weight": spread.T @ x.pow(2) / len(x), "0.bias": spread.mean(0)}
-    expect(all(_close(got[n], by_hand[n]) for n in by_hand),
+    expect(all(tensors_close(got[n], by_hand[n]) for n in by_hand),
            "one linear softmax layer, by hand: F[k, d] = mean over x of p_k(1 − p_k)·x_d²",
            f"sum {_sum_of_entries(by_hand):.4g}", f"sum {_sum_of_entries(got):.4g}")
     for seed, hidden in ((1, (6,)), (2, (7, 4))):
         model, x = _fisher_case(seed, hidden)
         want = fisher.fisher_diagonal(model, x, estimate="exact")
         got, calls = _backward_calls(lambda model=model, x=x: fn(model, x))
-        expect(all(_close(got[n], want[n]) for n in want),
+        expect(all(tensors_close(got[n], want[n]) for n in want),
                f"equals cl_lab.fisher.fisher_diagonal(estimate='exact') on an MLP with hidden {hidden}",
                f"sum {_sum_of_entries(want):.4g}", f"sum {_sum_of_entries(got):.4g}")
         n_classes = 4
@@ -203,7 +191,7 @@ def _loop_over_samples(model, x):
 
 check_exact_fisher = register(Exercise(
     name="exact_fisher", chapter="02", title="The exact Fisher in one batched pass", difficulty=3, minutes=25,
-    stub=_unsolved(exact_fisher_diag), solution=exact_fisher_diag, properties=_exact_fisher_properties,
+    stub=unsolved(exact_fisher_diag), solution=exact_fisher_diag, properties=_exact_fisher_properties,
     wrong_answers={"the batch-mean gradient squared (batch-squared)": _batch_squared,
                    "summed over the samples, not averaged": _summed_not_averaged,
                    "the predicted class only": _predicted_class_only,
@@ -223,8 +211,7 @@ def ewc_penalty(model, fisher, anchor, lam):
 
 
 def _penalty_case(seed: int):
-    torch.manual_seed(seed)
-    model = MLP(4, (5,), 3)
+    model = seeded_mlp(seed, 4, (5,), 3)
     gen = torch.Generator().manual_seed(seed)
     fisher_diag = {n: torch.rand(p.shape, generator=gen) for n, p in model.named_parameters()}
     anchor = {n: p.detach() + 0.3 * torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
@@ -259,7 +246,7 @@ def _ewc_penalty_properties(fn) -> None:
     penalty.backward()
     params = dict(model.named_parameters())
     want = {n: 4.0 * fisher_diag[n] * (params[n].detach() - anchor[n]) for n in params}
-    expect(all(params[n].grad is not None and _close(params[n].grad, want[n]) for n in params),
+    expect(all(params[n].grad is not None and tensors_close(params[n].grad, want[n]) for n in params),
            "its gradient is λ·F⊙(θ − θ*)", "λF(θ − θ*)", "another gradient")
     model.zero_grad(set_to_none=True)
 
@@ -280,7 +267,7 @@ def _pulled_towards_zero(model, fisher, anchor, lam):
 
 check_ewc_penalty = register(Exercise(
     name="ewc_penalty", chapter="02", title="EWC's penalty", difficulty=1, minutes=10,
-    stub=_unsolved(ewc_penalty), solution=ewc_penalty, properties=_ewc_penalty_properties,
+    stub=unsolved(ewc_penalty), solution=ewc_penalty, properties=_ewc_penalty_properties,
     wrong_answers={"without the ½": _without_the_half,
                    "computed on detached weights (a number, no gradient)": _detached,
                    "pulled towards 0 instead of θ* (Fisher-weighted weight decay)": _pulled_towards_zero}))

@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from cl_lab import fisher
-from cl_lab.exercises._core import Exercise, expect, register
+from cl_lab.exercises._core import (
+    Exercise,
+    expect,
+    register,
+    seeded_inputs,
+    seeded_linear,
+    seeded_mlp,
+    tensors_close,
+    unsolved,
+)
 from cl_lab.methods.regularization import SI, output_sensitivity
-from cl_lab.models import MLP
-
-
-def _unsolved(solution):
-    """The learner's starting point: ``solution``'s name, signature and docstring, and no body."""
-
-    @functools.wraps(solution)
-    def stub(*args, **kwargs):
-        raise NotImplementedError(f"{solution.__name__} is not written yet")
-
-    return stub
-
-
-def _close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4) -> bool:
-    return got.shape == want.shape and bool(torch.allclose(got.detach().float(), want.float(), rtol=rtol,
-                                                           atol=rtol * float(want.abs().max()) + 1e-12))
 
 
 def _show(v: torch.Tensor) -> list[float]:
@@ -107,8 +98,8 @@ def _si_importance_properties(fn) -> None:
     for seed in (0, 1):
         grads, updates, library, xi = _recorded_si_run(seed)
         got = fn(grads.clone(), updates.clone(), xi)
-        expect(_close(got, library), f"equals the Ω of cl_lab's SI on a recorded minibatch-SGD run (seed {seed})",
-               _show(library), _show(got))
+        expect(tensors_close(got, library),
+               f"equals the Ω of cl_lab's SI on a recorded minibatch-SGD run (seed {seed})", _show(library), _show(got))
     grads, updates, decrease = _quadratic_path()
     xi = 0.01
     omega = fn(grads, updates, xi) * (updates.sum(0).pow(2) + xi)
@@ -135,7 +126,7 @@ def _path_length(grads, updates, xi):
 
 check_si_importance = register(Exercise(
     name="si_importance", chapter="03", title="SI's path integral", difficulty=2, minutes=15,
-    stub=_unsolved(si_importance), solution=si_importance, properties=_si_importance_properties,
+    stub=unsolved(si_importance), solution=si_importance, properties=_si_importance_properties,
     wrong_answers={"the raw ω, without the Δ² + ξ normaliser": _raw_omega,
                    "ω = Σ g·Δθ (the sign flipped)": _sign_flipped,
                    "no damping ξ": _no_damping,
@@ -161,14 +152,11 @@ def mas_importance(model, x):
 
 
 def _mas_case(seed: int, hidden: tuple[int, ...]):
-    torch.manual_seed(seed)
-    return MLP(5, hidden, 3), torch.randn(10, 5, generator=torch.Generator().manual_seed(seed))
+    return seeded_mlp(seed, 5, hidden, 3), seeded_inputs(seed, 10, 5)
 
 
 def _mas_importance_properties(fn) -> None:
-    torch.manual_seed(0)
-    linear = nn.Sequential(nn.Linear(4, 3))
-    x = torch.randn(9, 4, generator=torch.Generator().manual_seed(0))
+    linear, x = seeded_linear(0, 4, 3), seeded_inputs(0, 9, 4)
     got = fn(linear, x)
     expect(isinstance(got, dict) and set(got) == {"0.weight", "0.bias"}, "returns {parameter name: tensor}",
            "keys ['0.bias', '0.weight']", sorted(got) if isinstance(got, dict) else type(got).__name__)
@@ -180,13 +168,13 @@ def _mas_importance_properties(fn) -> None:
     with torch.no_grad():
         z = linear(x)  # [N, C]; ∂‖z‖²/∂W = 2 z xᵀ and ∂‖z‖²/∂b = 2 z, per sample
     by_hand = {"0.weight": (2 * z[:, :, None] * x[:, None, :]).abs().mean(0), "0.bias": (2 * z).abs().mean(0)}
-    expect(all(_close(got[n], by_hand[n]) for n in by_hand),
+    expect(all(tensors_close(got[n], by_hand[n]) for n in by_hand),
            "one linear layer, by hand: Ω_W = mean over x of |2 z xᵀ|, Ω_b = mean |2 z|",
            _show(by_hand["0.weight"]), _show(got["0.weight"]))
     for seed, hidden in ((1, (6,)), (2, (7, 4))):
         model, x = _mas_case(seed, hidden)
         want, got = output_sensitivity(model, x), fn(model, x)
-        expect(all(_close(got[n], want[n]) for n in want),
+        expect(all(tensors_close(got[n], want[n]) for n in want),
                f"equals cl_lab's MAS importance (output_sensitivity) on an MLP with hidden {hidden}",
                _show(want["head.weight"]), _show(got["head.weight"]))
 
@@ -219,7 +207,7 @@ def _softmax_outputs(model, x):
 
 check_mas_importance = register(Exercise(
     name="mas_importance", chapter="03", title="MAS's label-free importance", difficulty=2, minutes=15,
-    stub=_unsolved(mas_importance), solution=mas_importance, properties=_mas_importance_properties,
+    stub=unsolved(mas_importance), solution=mas_importance, properties=_mas_importance_properties,
     wrong_answers={"|gradient of the batch mean| (the absolute value after the mean)": _abs_of_the_batch_gradient,
                    "the norm ‖f(x)‖, not its square": _norm_not_squared,
                    "the squared norm of the softmax probabilities": _softmax_outputs}))

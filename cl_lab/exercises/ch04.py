@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from cl_lab.exercises._core import Exercise, expect, register
+from cl_lab.exercises._core import Exercise, expect, register, unsolved
 from cl_lab.methods.replay import ReplayBuffer, herding_order
-
-
-def _unsolved(solution):
-    """The learner's starting point: ``solution``'s name, signature and docstring, and no body."""
-
-    @functools.wraps(solution)
-    def stub(*args, **kwargs):
-        raise NotImplementedError(f"{solution.__name__} is not written yet")
-
-    return stub
 
 
 def _positions(kept) -> list[int]:
@@ -141,7 +129,7 @@ def _no_reservoir_inside_a_class(labels, size, generator):
 
 check_class_balanced_reservoir = register(Exercise(
     name="class_balanced_reservoir", chapter="04", title="A class-balanced reservoir", difficulty=3, minutes=25,
-    stub=_unsolved(class_balanced_reservoir), solution=class_balanced_reservoir,
+    stub=unsolved(class_balanced_reservoir), solution=class_balanced_reservoir,
     properties=_class_balanced_properties,
     wrong_answers={"a plain reservoir (the stream's class mix)": _plain_reservoir,
                    "keep the first M and nothing after": _keep_the_first_m,
@@ -224,7 +212,7 @@ def _picks_may_repeat(features, m):
 
 check_herding_selection = register(Exercise(
     name="herding_selection", chapter="04", title="iCaRL's herding", difficulty=2, minutes=20,
-    stub=_unsolved(herding_selection), solution=herding_selection, properties=_herding_properties,
+    stub=unsolved(herding_selection), solution=herding_selection, properties=_herding_properties,
     wrong_answers={"the m rows nearest the class mean": _nearest_to_the_mean,
                    "features not L2-normalised": _not_normalised,
                    "a chosen row may be chosen again": _picks_may_repeat}))
