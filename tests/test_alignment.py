@@ -132,6 +132,9 @@ def test_stage_nulls_train_outside_the_held_out_people_and_read_at_any_step(chai
     assert not {f.subject for f in facts} & set(chain.holdout.subjects)
     mid = ch12.at_step(paths["DPO"], 3)
     assert mid["unseen recall"] == pytest.approx(paths["DPO"]["unseen recall"].iloc[1:].mean())
+    R = ch12.capability_matrix(chain, chain.sft_model, paths)
+    assert list(R.index) == ["base", "SFT", "SFT's null", "DPO", "DPO's null"]
+    assert R.loc["DPO's null", "unseen recall"] == paths["DPO"]["unseen recall"].iloc[-1]
 
 
 # --- figures ---------------------------------------------------------------------------------------------------

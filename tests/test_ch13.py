@@ -71,6 +71,8 @@ def test_drift_pools_are_disjoint_random_splits_and_the_experiment_reports_both_
     pools = ch13.drift_pools(lab, SEED, n_reference=32, n_calibration=64)
     known = len(lab.world.train_facts) + len(lab.world.heldout_facts)
     assert len(pools["reference"]) + len(pools["calibration"]) + len(pools["pool"]) == known
+    equal = ch13.drift_pools(lab, SEED, n_reference=32)
+    assert abs(len(equal["calibration"]) - len(equal["pool"])) <= 1  # calibrated on windows drawn like the stream's
     assert set(pools["shifted"]) == {"question format", "new people"}
     table = ch13.drift_experiment(pools, shares=(0.5,), runs=5, windows=6, shift_at=3, window=8)
     assert len(table) == 2 * len(drift.RULES) and set(table["rule"]) == set(drift.RULES)
@@ -110,28 +112,25 @@ def test_ema_experiment_rows_and_the_null_differs_only_by_data_order():
     assert table.AA["naive"] != table.AA["naive (other order)"]
 
 
-def test_measure_seconds_gives_every_cost_input(lab):
-    seconds = ch13.measure_seconds(SEED, repeats=1, smoke=True)
-    assert set(cost.SECONDS) <= set(seconds)
-    assert all(seconds[k] > 0 for k in ("pretrain_step", "update_step", "adapter_step", "evaluation", "request"))
-    assert list(seconds["requests by live adapters"]) == [0, 1, 2, 4]
-    growth = ch13.corpus_growth(SEED, True)
-    assert 0 < growth < 1
-    work = ch13.count_work(SEED, smoke=True)  # timed slopes can come out negative on a loaded machine; counts cannot
-    total = cost.cumulative(cost.monthly_costs(work, growth=growth))
-    fig = ch13.plot_costs(total, 1000)
-    assert len(fig.axes[0].lines) == 3
-    plt.close(fig)
-
-
-def test_count_work_counts_the_same_operations_without_a_clock(lab):
-    work = ch13.count_work(SEED, smoke=True)
-    assert set(cost.SECONDS) <= set(work) and work == ch13.count_work(SEED, smoke=True)  # counted, not timed
+def test_cost_inputs_count_and_time_the_same_operations(lab):
+    inputs = ch13.cost_inputs(SEED, repeats=1, smoke=True)
+    for costs in inputs.values():
+        assert set(cost.SECONDS) <= set(costs)
+        assert all(costs[k] > 0 for k in ("pretrain_step", "update_step", "adapter_step", "evaluation", "request"))
+        assert list(costs["requests by live adapters"]) == list(ch13.LIVE_ADAPTERS)
+    work = inputs["work"]
+    assert work == ch13.cost_inputs(SEED, repeats=1, smoke=True)["work"]  # counted, not timed
     requests = work["requests by live adapters"]
-    steps = np.diff([requests[k] for k in ch13.LIVE_ADAPTERS]) / np.diff(ch13.LIVE_ADAPTERS)
-    assert steps == pytest.approx([work["adapter_overhead"]] * 3) and work["adapter_overhead"] > 0  # linear
+    per_adapter = np.diff([requests[k] for k in ch13.LIVE_ADAPTERS]) / np.diff(ch13.LIVE_ADAPTERS)
+    assert per_adapter == pytest.approx([work["adapter_overhead"]] * 3) and work["adapter_overhead"] > 0  # linear
     assert work["adapter_step"] < work["update_step"]  # frozen weights need no weight gradients
     assert work["pretrain_step"] > work["update_step"]  # 64 sentences against 80 tokens
+    growth = ch13.corpus_growth(SEED, True)
+    assert 0 < growth < 1
+    total = cost.cumulative(cost.monthly_costs(work, growth=growth))  # timed slopes can be negative under load
+    fig = ch13.plot_costs({"FLOPs": total, "seconds": total}, 1000)
+    assert [len(ax.lines) for ax in fig.axes] == [3, 3]
+    plt.close(fig)
 
 
 def test_null_point_trains_known_sentences_outside_the_scored_old_facts(lab, monkeypatch):

@@ -28,7 +28,7 @@ from cl_lab.lm import BASE_RELATIONS, Lab, align, kl_estimators, nulls, tiny_lm
 from cl_lab.methods.alignment import diagonal_quadratic, fisher_quadratic, kl_along, sft_loss
 
 STAGES = ("base", "SFT", "DPO")
-SHOWN = ("recall", "paraphrase", "instruction", "format", "win rate")  # the [0, 1] columns of the matrix
+SHOWN = ("recall", "unseen recall", "paraphrase", "instruction", "format", "win rate")  # the [0, 1] columns
 REMEDY_COLOURS = {"DPO (plain)": "tab:red", "null control": "tab:pink", "KL on text": "tab:blue",
                   "replay": "tab:green", "LoRA only": "tab:purple", "averaging": "tab:orange"}
 UNSEEN_SHARE = 0.5  # the share of the held-out people whose facts no remedy's text contains
@@ -108,9 +108,17 @@ def at_step(path: pd.DataFrame, step: float) -> pd.Series:
     return align.at_strength(path, step, by="step")
 
 
-def capability_matrix(chain: LMChain, dpo_model: nn.Module) -> pd.DataFrame:
-    """Rows base → SFT → DPO, columns: the probe's measurements."""
-    return pd.DataFrame({"base": chain.base_row, "SFT": chain.sft_row, "DPO": chain.probe(dpo_model)}).T
+def capability_matrix(chain: LMChain, dpo_model: nn.Module, null_paths: dict[str, pd.DataFrame] | None = None
+                      ) -> pd.DataFrame:
+    """Rows base → SFT → DPO, columns: the probe's measurements; with ``null_paths`` (``stage_nulls``), each
+    stage's optimizer null as a row "<stage>'s null" after the stage (its last probe)."""
+    rows = {"base": chain.base_row, "SFT": chain.sft_row}
+    if null_paths:
+        rows["SFT's null"] = null_paths["SFT"].iloc[-1].drop("step").to_dict()
+    rows["DPO"] = chain.probe(dpo_model)
+    if null_paths:
+        rows["DPO's null"] = null_paths["DPO"].iloc[-1].drop("step").to_dict()
+    return pd.DataFrame(rows).T
 
 
 def remedy_configs(base: align.DPOConfig, *, kl_coef: float = 0.3, replay_share: float = 0.25,

@@ -209,12 +209,18 @@ def traffic(lab: lm.Lab) -> dict[str, list[str]]:
             "new people": [f.prompt for f in trained + held]}
 
 
-def drift_pools(lab: lm.Lab, seed: int = 0, n_reference: int = 128, n_calibration: int = 600) -> dict:
+def drift_pools(lab: lm.Lab, seed: int = 0, n_reference: int = 128, n_calibration: int | None = None) -> dict:
     """Prompt embeddings of ``traffic``: the known prompts split at random into a reference, a calibration pool
-    and the pool the stream draws from; the shifted pools whole."""
+    and the pool the stream draws from (by default of equal size: the calibration windows are then drawn exactly
+    as the stream's are); the shifted pools whole."""
     prompts = traffic(lab)
     emb = {k: serving.prompt_embeddings(lab.model, lab.tokenizer, v) for k, v in prompts.items()}
     known = emb.pop("known")
+    if n_calibration is None:
+        n_calibration = (len(known) - n_reference) // 2
+    if n_reference + n_calibration >= len(known):
+        raise ValueError(f"n_reference + n_calibration must leave prompts for the stream (< {len(known)}), "
+                         f"got {n_reference + n_calibration}")
     order = torch.randperm(len(known), generator=torch.Generator().manual_seed(seed))
     cut = n_reference + n_calibration
     return {"reference": known[order[:n_reference]], "calibration": known[order[n_reference:cut]],
@@ -403,12 +409,12 @@ def ema_experiment(seed: int = 0, *, steps: int = 200, methods=EMA_METHODS, angl
 
 # ================================================================ the cost model
 
-def _cost_operations(seed: int, smoke: bool, attention: str = "sdpa") -> dict:
+def _cost_operations(seed: int, smoke: bool) -> dict:
     """The operations the cost model prices, each a callable, on lab ``seed``: one pretraining step (64
     sentences), one continual-pretraining step (80 tokens, all weights), one LoRA step on the same batch (PEFT,
     rank 8 on every projection), one shadow evaluation (``serving.capability_matrix`` of one model), and one
-    request (a prompt's forward pass) with 0, 1, 2 and 4 live unmerged adapters (``requests``).
-    ``attention`` is the models' attention implementation ("eager" makes every product visible to a counter)."""
+    request (a prompt's forward pass) with 0, 1, 2 and 4 live unmerged adapters (``requests``). The models use
+    eager attention, so that a FLOP counter sees every product (SDPA's fused kernel is invisible to it)."""
     from peft import LoraConfig, get_peft_model
 
     lab = lab_of(seed, smoke)
@@ -423,7 +429,7 @@ def _cost_operations(seed: int, smoke: bool, attention: str = "sdpa") -> dict:
 
     def copy_of(model):
         model = copy.deepcopy(model)
-        model.set_attn_implementation(attention)
+        model.set_attn_implementation("eager")
         return model
 
     def trainer(model, ids):
@@ -466,33 +472,34 @@ def _with_overhead(costs: dict, requests: dict) -> dict:
     return {**costs, "adapter_overhead": slope, "request": requests[0], "requests by live adapters": requests}
 
 
-def measure_seconds(seed: int = 0, repeats: int = 15, smoke: bool = False) -> dict:
-    """This machine's seconds for each operation of ``_cost_operations``, each the best of ``repeats``
-    interleaved runs (the evaluation timed once); the overhead per live adapter is the least-squares slope of
-    the request's seconds against the live adapters."""
-    ops = _cost_operations(seed, smoke)
-    steps = timing.best_times(ops["steps"], repeats=repeats)
-    evaluation = timing.best_times({"evaluation": ops["evaluation"]}, repeats=1, warmup=0)
-    return _with_overhead({**steps, **evaluation}, timing.best_times(ops["requests"], repeats=3 * repeats))
-
-
-def count_work(seed: int = 0, smoke: bool = False) -> dict:
-    """The floating-point operations of each operation of ``_cost_operations``, counted by
-    ``torch.utils.flop_counter.FlopCounterMode`` (every matrix product, attention's included): the same inputs as
-    ``measure_seconds``, in counted work instead of seconds, so no thread count or second process changes them.
-    Element-wise work (activations, the optimizer's update) is not counted."""
+def _flops(fn) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    ops = _cost_operations(seed, smoke, attention="eager")
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
 
-    def flops(fn) -> float:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        return float(counter.get_total_flops())
 
-    work = {name: flops(fn) for name, fn in ops["steps"].items()}
-    work["evaluation"] = flops(ops["evaluation"])
-    return _with_overhead(work, {k: flops(fn) for k, fn in ops["requests"].items()})
+def cost_inputs(seed: int = 0, repeats: int = 15, smoke: bool = False) -> dict:
+    """The cost model's inputs two ways, on the same operations (``_cost_operations``):
+
+    - ``"work"``: the floating-point operations of each, counted by ``torch.utils.flop_counter.FlopCounterMode``
+      (every matrix product; element-wise work such as activations and the optimizer's update is not counted).
+      Counted work is the same on any machine, at any thread count, under any load;
+    - ``"seconds"``: this machine's seconds, each the best of ``repeats`` interleaved runs (``timing.best_times``;
+      the evaluation timed once).
+
+    Each has ``adapter_overhead``, the least-squares slope of a request's cost against its live adapters, and
+    ``request``, a request's cost with none.
+    """
+    ops = _cost_operations(seed, smoke)
+    work = {name: _flops(fn) for name, fn in ops["steps"].items()}
+    work["evaluation"] = _flops(ops["evaluation"])
+    work = _with_overhead(work, {k: _flops(fn) for k, fn in ops["requests"].items()})
+    steps = timing.best_times(ops["steps"], repeats=repeats)
+    evaluation = timing.best_times({"evaluation": ops["evaluation"]}, repeats=1, warmup=0)
+    seconds = _with_overhead({**steps, **evaluation}, timing.best_times(ops["requests"], repeats=3 * repeats))
+    return {"work": work, "seconds": seconds}
 
 
 def corpus_growth(seed: int = 0, smoke: bool = False) -> float:
@@ -504,13 +511,14 @@ def corpus_growth(seed: int = 0, smoke: bool = False) -> float:
     return tokens(domain_of(lab).texts) / tokens(lab.world.pretraining_texts())
 
 
-def plot_costs(total: pd.DataFrame, requests: float):
-    """Cumulative CPU-seconds of each strategy against the month."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    for name in total.columns:
-        ax.plot(total.index, total[name], "o-", ms=3, label=name)
-    ax.set(xlabel="month", ylabel="cumulative CPU seconds", yscale="log",
-           title=f"a year of monthly updates ({requests:,.0f} requests a month)")
-    ax.legend(fontsize=8)
+def plot_costs(totals: dict[str, pd.DataFrame], requests: float):
+    """Cumulative cost of each strategy against the month, one panel per unit (e.g. counted FLOPs, seconds)."""
+    fig, axes = plt.subplots(1, len(totals), figsize=(6 * len(totals), 3.4), squeeze=False)
+    for ax, (unit, total) in zip(axes[0], totals.items()):
+        for name in total.columns:
+            ax.plot(total.index, total[name], "o-", ms=3, label=name)
+        ax.set(xlabel="month", ylabel=f"cumulative {unit}", yscale="log", title=f"in {unit}")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"a year of monthly updates ({requests:,.0f} requests a month)", fontsize=10)
     fig.tight_layout()
     return fig
