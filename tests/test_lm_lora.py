@@ -263,7 +263,8 @@ def test_optimizer_nulls_start_from_one_model_and_record_every_step(knowing_lab,
     from cl_lab.chapters import ch09
 
     settings = {"Adam": ("adam", 1e-2, None), "warm": ("adam", 1e-2, 0.5), "SGD": ("sgd", 1e-3, None)}
-    curves = ch09.optimizer_nulls(knowing_lab, chapter_stream, steps=4, batch_size=8, settings=settings)
+    null = ch09.null_stream(knowing_lab, chapter_stream, seed=0)
+    curves = ch09.optimizer_nulls(knowing_lab, null, steps=4, batch_size=8, settings=settings)
     assert list(curves.columns) == ["setting", "step", "recall"] and len(curves) == 3 * 5
     start = curves[curves.step == 0].recall
     assert start.nunique() == 1  # every setting starts from the pretrained LM, on the same scored facts

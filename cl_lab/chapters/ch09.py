@@ -258,14 +258,13 @@ OPTIMIZER_NULLS = {"Adam, lr 1e-3": ("adam", 1e-3, None), "Adam, lr 1e-4": ("ada
                    "Adam, lr 1e-3 after a warm-up": ("adam", 1e-3, 0.5), "SGD, lr 0.1": ("sgd", 0.1, None)}
 
 
-def optimizer_nulls(lab: lm.Lab, stream: Stream, steps: int = 12, batch_size: int = 32, seed: int = 0,
+def optimizer_nulls(lab: lm.Lab, null: Stream, steps: int = 12, batch_size: int = 32, seed: int = 0,
                     settings: dict[str, tuple[str, float, float | None]] = OPTIMIZER_NULLS, eval_samples: int = 100,
                     device: str | torch.device = "cpu") -> pd.DataFrame:
-    """Full fine-tuning of the pretrained LM on the first task of ``null_stream(lab, stream, seed)`` (facts it
-    already recalls) for ``steps`` steps under each of ``settings`` ({label: (optimizer, lr, warm-up share or
-    None)}), a seeded draw of ``eval_samples`` of the scored pretraining facts evaluated after every step (the
-    same draw for every setting). Returns one row per (setting, step k = 0..steps): their recall after k steps."""
-    null = null_stream(lab, stream, seed)
+    """Full fine-tuning of the pretrained LM on the first task of ``null`` (a ``null_stream``: facts it already
+    recalls) for ``steps`` steps under each of ``settings`` ({label: (optimizer, lr, warm-up share or None)}), a
+    seeded draw of ``eval_samples`` of the scored pretraining facts evaluated after every step (the same draw for
+    every setting). Returns one row per (setting, step k = 0..steps): their recall after k steps."""
     one = Stream(null.name, null.scenario, null.tasks[:1], null.n_out, null.input_shape, eval_tasks=null.eval_tasks)
     rows = []
     for label, (optimizer, lr, warmup) in settings.items():
