@@ -1,4 +1,5 @@
-"""The real-model path: the package-shipped SmolLM2 GGUF offline, and clear, fast errors without the hub."""
+"""The real-model path: the package-shipped SmolLM2 GGUF offline, and clear, fast errors without the hub; the
+facts it knows (``real.KNOWN_FACTS``) and their causal trace in ROME's form."""
 
 import importlib.util
 import time
@@ -8,7 +9,8 @@ import torch
 from torch import nn
 
 from cl_lab import lm
-from cl_lab.lm import real
+from cl_lab.chapters import ch11
+from cl_lab.lm import real, tracing
 
 EIFFEL = "The Eiffel Tower is located in the city of"
 
@@ -90,3 +92,26 @@ def test_bad_model_names_are_rejected_by_argument():
         lm.pretrained("not a model!")
     with pytest.raises(TypeError, match="name must be a str"):
         lm.pretrained(3)
+
+
+def test_every_known_fact_is_answered_greedily(smol):
+    facts = real.KNOWN_FACTS
+    assert len(facts) >= 20 and len(set(facts)) == len(facts)
+    tok = smol.tokenizer
+    for fact in facts:
+        assert fact.subject in fact.prompt and not fact.prompt.startswith(fact.subject)
+    x = lm.encode(tok, [f.prompt for f in facts])
+    with torch.no_grad():
+        said = tracing.last_logits(smol.model, x, tok.pad_token_id).argmax(-1).tolist()
+    assert [tok.decode([t]).strip() for t in said] == [f.answer for f in facts]
+
+
+def test_the_real_model_trace_of_every_known_fact_puts_the_mlp_at_the_last_subject_token(smol):
+    """ROME's form on all the facts, restricted to one MLP window (layers 0-7, centred on 3) and one noise draw."""
+    table = ch11.real_model_trace(real.KNOWN_FACTS, lab=smol, sites=("mlp",), layers=[3], samples=1)
+    assert list(table.index) == [3]
+    assert table.columns.tolist() == [("mlp", c) for c in (*tracing.CATEGORIES, tracing.NULL)]
+    mlp = table.loc[3, "mlp"]
+    assert mlp["last subject token"] > 0.3 and mlp[tracing.NULL] < 0.05 and mlp["last token"] < 0.05
+    shipped = ch11.average_trace(ch11.load_real_trace())
+    assert abs(shipped.loc[3, ("mlp", "last subject token")] - mlp["last subject token"]) < 0.1  # 2 draws vs 1

