@@ -124,14 +124,13 @@ def test_lm_chain_holds_people_out_of_every_remedy_text():
     assert not {chain.lab.tokenizer.decode(ids[ids != 0][1:]) for ids in x} & recall_prompts
 
 
-def test_stage_nulls_train_outside_the_held_out_people_and_read_at_any_step(chain):
+def test_stage_nulls_train_outside_the_held_out_people(chain):
     config = align.DPOConfig(steps=4, batch_size=8, lr=1e-3, probe_every=2)
     paths = ch12.stage_nulls(chain, config, sft_steps=3, sft_batch=8, n_facts=5, require_known=False)
-    assert paths["SFT"]["step"].tolist() == [0, 3] and paths["DPO"]["step"].tolist() == [0, 2, 4]
+    assert paths["SFT"]["step"].tolist() == [0, 3] and paths["DPO"]["step"].tolist() == [0, 4]
+    assert paths["DPO"].iloc[0].drop("step").to_dict() == pytest.approx(chain.probe(chain.sft_model))  # from SFT
     facts = ch12.null_task(chain, chain.sft_model, 5, seed=1, require_known=False)
     assert not {f.subject for f in facts} & set(chain.holdout.subjects)
-    mid = ch12.at_step(paths["DPO"], 3)
-    assert mid["unseen recall"] == pytest.approx(paths["DPO"]["unseen recall"].iloc[1:].mean())
     R = ch12.capability_matrix(chain, chain.sft_model, paths)
     assert list(R.index) == ["base", "SFT", "SFT's null", "DPO", "DPO's null"]
     assert R.loc["DPO's null", "unseen recall"] == paths["DPO"]["unseen recall"].iloc[-1]

@@ -90,22 +90,17 @@ def null_task(chain: LMChain, model: nn.Module, n_facts: int = 40, seed: int = 0
 def stage_nulls(chain: LMChain, dpo_config: align.DPOConfig, *, sft_steps: int, sft_lr: float = 3e-4,
                 sft_batch: int = 32, n_facts: int = 40, require_known: bool = True) -> dict[str, pd.DataFrame]:
     """The optimizer null of each stage (``align.optimizer_null``): SFT's optimizer and steps from the base model,
-    and DPO's from the SFT model, each on facts its starting model already recalls. Returns the trajectory of
-    each (probe rows; DPO's null probed as often as the DPO runs, so it can be read at any DPO step)."""
+    and DPO's from the SFT model, each on facts its starting model already recalls. Returns each null's probe
+    rows at its first and last step."""
     seed = dpo_config.seed
-    sft_null, sft_path = align.optimizer_null(
+    _, sft_path = align.optimizer_null(
         chain.lab, chain.lab.model, null_task(chain, chain.lab.model, n_facts, seed, require_known=require_known),
         steps=sft_steps, lr=sft_lr, batch_size=sft_batch, seed=seed, probe=chain.probe, probe_every=sft_steps)
     _, dpo_path = align.optimizer_null(
         chain.lab, chain.sft_model, null_task(chain, chain.sft_model, n_facts, seed + 1, require_known=require_known),
         steps=dpo_config.steps, lr=dpo_config.lr, batch_size=dpo_config.batch_size, seed=seed, probe=chain.probe,
-        probe_every=dpo_config.probe_every)
+        probe_every=dpo_config.steps)
     return {"SFT": sft_path, "DPO": dpo_path}
-
-
-def at_step(path: pd.DataFrame, step: float) -> pd.Series:
-    """Every column of a trajectory linearly interpolated at ``step`` (between the probes around it)."""
-    return align.at_strength(path, step, by="step")
 
 
 def capability_matrix(chain: LMChain, dpo_model: nn.Module, null_paths: dict[str, pd.DataFrame] | None = None
