@@ -31,7 +31,7 @@ def _scalar(out: object, prop: str) -> float:
 
 # --- Exercise 12.1 · DPO's loss -------------------------------------------------------------------------------------
 
-def dpo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_logp_chosen: torch.Tensor,
+def sequence_dpo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_logp_chosen: torch.Tensor,
              ref_logp_rejected: torch.Tensor, beta: float) -> torch.Tensor:
     """Inputs: sequence log-probabilities [B] of the chosen and rejected responses under the policy and the
     frozen reference. Returns DPO's loss (Rafailov et al. 2023, eq. 7), a 0-d tensor: the mean over pairs of
@@ -69,7 +69,7 @@ def _dpo_properties(fn: Callable) -> None:
 
 check_dpo_loss = register(Exercise(
     name="dpo_loss", chapter="12", title="DPO's loss on sequence log-probabilities", difficulty=2, minutes=15,
-    stub=unsolved(dpo_loss), solution=dpo_loss, properties=_dpo_properties,
+    stub=unsolved(sequence_dpo_loss), solution=sequence_dpo_loss, properties=_dpo_properties,
     wrong_answers={"β left out": _dpo_no_beta,
                    "reference terms swapped between chosen and rejected": _dpo_references_swapped,
                    "sigmoid instead of log-sigmoid": _dpo_sigmoid},
