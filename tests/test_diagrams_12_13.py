@@ -32,9 +32,9 @@ def test_alignment_chain_draws_the_reference_and_the_kl():
 
 
 def test_production_loop_draws_the_four_stages_and_the_way_back():
-    fig = ch13.production_loop(canary_share=0.05)
+    fig = ch13.production_loop(canary_share=0.1)
     text = _texts(fig)
-    for piece in ("continual pretraining", "release rule", "canary\n(5% of traffic)", "drift monitoring",
+    for piece in ("continual pretraining", "release rule", "canary\n(10% of traffic)", "drift monitoring",
                   "drift → new data", "fails: back"):
         assert piece in text, piece
     assert _count(fig, FancyBboxPatch) == 4 and _count(fig, FancyArrowPatch) == 5

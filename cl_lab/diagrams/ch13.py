@@ -10,7 +10,7 @@ from cl_lab import _validate
 from cl_lab.diagrams._draw import PALETTE, arrow, box, canvas
 
 
-def production_loop(canary_share: float = 0.05) -> Figure:
+def production_loop(canary_share: float = 0.1) -> Figure:
     """The loop: continual pretraining → evaluation and release rule → canary (``canary_share`` of traffic,
     0 < share < 1) → serving with drift monitoring → back to continual pretraining; a failed gate or canary
     goes back too."""
@@ -19,7 +19,7 @@ def production_loop(canary_share: float = 0.05) -> Figure:
     fig, ax = canvas(10.0, 5.0, title="The production loop: train, gate, canary, serve, watch — and again")
     box(ax, 0.4, 3.2, 2.6, 1.0, "continual pretraining\n(re-warm LR, replay in tokens)", color=PALETTE["new"],
         alpha=0.35, fontsize=8.5)
-    box(ax, 6.8, 3.2, 2.8, 1.0, "evaluation + release rule\n(new gain, old-skill floor)", color=PALETTE["shared"],
+    box(ax, 6.8, 3.2, 2.8, 1.0, "evaluation + release rule\n(new ≥ +10 pts, old ≤ −5 pts)", color=PALETTE["shared"],
         alpha=0.35, fontsize=8.5)
     box(ax, 6.8, 0.6, 2.8, 1.0, f"canary\n({share:.0%} of traffic)", color=PALETTE["warn"], alpha=0.25,
         fontsize=8.5)
