@@ -3,7 +3,10 @@ facts it knows (``real.KNOWN_FACTS``) and their causal trace in ROME's form."""
 
 import importlib.util
 import time
+from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -115,3 +118,51 @@ def test_the_real_model_trace_of_every_known_fact_puts_the_mlp_at_the_last_subje
     assert mlp["last subject token"] > 0.3 and mlp[tracing.NULL] < 0.05 and mlp["last token"] < 0.05
     shipped = ch11.average_trace(ch11.load_real_trace())
     assert abs(shipped.loc[3, ("mlp", "last subject token")] - mlp["last subject token"]) < 0.1  # 2 draws vs 1
+
+
+def test_sampled_positions_give_one_token_per_category_and_a_null_after_the_subject():
+    picked = ch11.sampled_positions((1, 5), 10, key=3, seed=0)  # subject tokens 1-4, further tokens 6-8, last 9
+    assert list(picked) == [*tracing.CATEGORIES, tracing.NULL]
+    assert (picked["first subject token"], picked["last subject token"], picked["first token after"],
+            picked["last token"]) == (1, 4, 5, 9)
+    assert picked["middle subject tokens"] in (2, 3) and picked["further tokens"] in (6, 7, 8)
+    assert 5 <= picked[tracing.NULL] <= 8
+    assert ch11.sampled_positions((1, 5), 10, key=3, seed=0) == picked  # seeded by (seed, key) alone
+    assert len({ch11.sampled_positions((1, 5), 10, key=k)[tracing.NULL] for k in range(20)}) > 1
+    short = ch11.sampled_positions((3, 4), 5, key=0)  # one-token subject right before the last token
+    assert short["middle subject tokens"] is None and short["first token after"] is None
+    assert short["further tokens"] is None and short[tracing.NULL] is None
+
+
+def test_the_average_trace_equals_each_traces_categories_and_picks_an_early_layer():
+    gen = torch.Generator().manual_seed(0)
+    tokens = [["The", " Lou", "vre", " is", " in", " the", " city", " of"], ["The", " capital", " of", " Japan", " is"]]
+    spans, layers = [(1, 3), (3, 4)], [0, 1, 2]
+    p = torch.rand(2, 3, 8, generator=gen)
+    p[1, :, 5:] = float("nan")  # the second prompt is shorter
+    traces = {site: tracing.Trace(site, 1, 1.0, layers, tokens, spans, torch.tensor([0.8, 0.7]),
+                                  torch.tensor([0.1, 0.05]), p + 0.1 * i) for i, site in enumerate(("hidden", "mlp"))}
+    table = ch11.fact_table(traces, [7, 12])
+    assert len(table) == 2 * 2 * 3 and set(table.fact) == {7, 12}
+    average = ch11.average_trace(table)
+    assert list(average.index) == layers and average.columns.names == ["site", "category"]
+    null = [ch11.sampled_positions(s, len(t), k)[tracing.NULL] for s, t, k in zip(spans, tokens, (7, 12))]
+    for site, trace in traces.items():
+        expected = trace.by_category(null)
+        for category in expected.index:
+            assert np.allclose(average[(site, category)].to_numpy(), expected.loc[category].to_numpy())
+    assert ch11.edit_layer(average) == int(average[("mlp", "last subject token")].iloc[:2].idxmax())
+
+
+def test_the_shipped_trace_covers_every_known_fact_site_and_layer():
+    shipped = ch11.load_real_trace()
+    assert set(shipped.fact) == set(range(len(real.KNOWN_FACTS)))
+    assert len(shipped) == len(real.KNOWN_FACTS) * len(ch11.REAL_WINDOWS) * 30
+    average = ch11.average_trace(shipped)
+    assert average.shape == (30, len(ch11.REAL_WINDOWS) * (len(tracing.CATEGORIES) + 1))
+    fig = ch11.plot_average_trace(average, len(real.KNOWN_FACTS))
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["restore hidden state", "restore MLP output (window 10)", "restore attention output (window 10)"]
+    plt.close(fig)
+    with pytest.raises(FileNotFoundError, match="python -m cl_lab.chapters.ch11"):
+        ch11.load_real_trace(Path("no/such/trace.csv"))

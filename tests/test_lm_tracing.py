@@ -179,6 +179,20 @@ def test_one_restoration_by_hand_equals_the_trace_which_skips_the_blocks_below(l
     assert len(lm.layout(lab.model).model.transformer.h) == 2  # the model's blocks are back
 
 
+def test_random_prefixes_move_the_subject_and_keep_the_prompt(lab, facts):
+    from cl_lab.chapters import ch11
+    prompts = ch11.with_prefixes(lab, facts, max_words=3, seed=1)
+    vocabulary = {w for text in lab.world.general_train for w in text.split()}
+    for prompt, fact in zip(prompts, facts):
+        prefix = prompt[:-len(fact.prompt)].split()
+        assert prompt.endswith(" " + fact.prompt) and 1 <= len(prefix) <= 3 and set(prefix) <= vocabulary
+    assert ch11.with_prefixes(lab, facts, max_words=3, seed=1) == prompts  # seeded
+    recall = ch11.prefix_recall(lab, facts, lengths=(0, 2), seed=1)
+    assert list(recall.index) == [0, 2] and ((0 <= recall) & (recall <= 1)).all()
+    with pytest.raises(ValueError, match="max_words must be"):
+        ch11.with_prefixes(lab, facts, max_words=0)
+
+
 def test_chunks_hold_prompts_of_one_length():
     assert tracing._chunks([5, 7, 5, 5, 7], chunk=2) == [[0, 2], [3], [1, 4]]
 

@@ -1,8 +1,12 @@
-"""Chapter 11 helpers: where the tiny LM keeps its facts (causal tracing), ROME at the traced layer against
-fine-tuning, ROME at every layer, many edits (MEMIT, sequential ROME, sequential fine-tuning), the playground's
-cached callback, and one real fact edited in SmolLM2-135M.
+"""Chapter 11 helpers: where a language model reads its facts (causal tracing of the tiny LM, of the tiny LM after
+random prefixes, and of SmolLM2-135M averaged over ``real.KNOWN_FACTS`` in ROME's form), ROME at the traced layer
+against fine-tuning, ROME at every layer, many edits (MEMIT, sequential ROME, sequential fine-tuning), the
+playground's cached callback, and five real facts edited in SmolLM2-135M.
 
-Every experiment leaves the lab's model as it found it (edits are applied to copies or restored).
+The real model's full trace takes about 20 minutes of CPU, so its per-fact table ships in
+``cl_lab/lm/data/smollm2_trace.csv``; ``python -m cl_lab.chapters.ch11`` writes it again (``--samples``,
+``--seed``, ``--out``). Every experiment leaves the lab's model as it found it (edits are applied to copies or
+restored).
 """
 
 from __future__ import annotations
@@ -380,7 +384,7 @@ REAL_EDITS = (
            "The city of Ottawa is in the country of")),
 )
 REAL_EDIT = REAL_EDITS[0]
-REAL_CONTEXTS = ("{}", "Here is a fact. {}", "I read this in a book today. {}")
+REAL_CONTEXTS = ("{}", "Here is a fact. {}", "I read this in a book today. {}")  # ROME's prefixes, in our words
 
 # a small corpus for the key covariance, in our own words (with the tiny world's plain sentences added)
 REAL_TEXTS = (
@@ -515,7 +519,8 @@ def edit_layer(average: pd.DataFrame, share: float = EARLY_MID) -> int:
 
 def real_model_edits(lab: lm.Lab, layer: int, *, world: lm.World, edits: Sequence[Edit] = REAL_EDITS,
                      contexts: Sequence[str] = ("{}",), n_texts: int = 150, seed: int = 0) -> pd.DataFrame:
-    """ROME at ``layer`` of a real model for each of ``edits`` on its own: k* and v* over ``contexts``, C from
+    """ROME at ``layer`` of a real model for each of ``edits`` on its own: k* and v* over ``contexts`` (the bare
+    prompt; ``REAL_CONTEXTS`` averages over prefixes as ROME does, at three times the cost), C from
     ``REAL_TEXTS`` and a seeded draw of ``n_texts`` of ``world``'s plain sentences. One row per edit: the
     CounterFact scores after the edit (``neighbourhood_before``: before it), the model's next token on the prompt
     after it, and ``essence_kl``, KL(after ‖ before) in nats of the next token after the essence prompt
