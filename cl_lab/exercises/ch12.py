@@ -37,7 +37,7 @@ def sequence_dpo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, re
     frozen reference. Returns DPO's loss (Rafailov et al. 2023, eq. 7), a 0-d tensor: the mean over pairs of
     −log σ(β·[(log π_θ(y_w) − log π_ref(y_w)) − (log π_θ(y_l) − log π_ref(y_l))])."""
     margin = (logp_chosen - ref_logp_chosen) - (logp_rejected - ref_logp_rejected)  # [B] implicit reward gap
-    return -F.logsigmoid(beta * margin).mean()
+    return -torch.nn.functional.logsigmoid(beta * margin).mean()
 
 
 def _dpo_no_beta(logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected, beta):
