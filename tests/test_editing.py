@@ -208,7 +208,8 @@ def test_plots_draw_what_they_say(lab):
     fig = ch11.plot_traces(traces)
     assert [ax.get_title() for ax in fig.axes[:3]] == ["restore hidden state", "restore MLP output",
                                                         "restore attention output"]
-    assert len(fig.axes[0].images) == 1 and fig.axes[0].images[0].get_array().shape == (5, 2)
+    table = traces["hidden"].by_category()  # rows: position classes, columns: layers
+    assert len(fig.axes[0].images) == 1 and fig.axes[0].images[0].get_array().shape == table.shape
     sweep = pd.DataFrame({"token": ["last", "last"], "layer": [0, 1], "efficacy": [1.0, 1.0], "paraphrase": [1.0, 0.9],
                           "neighbourhood": [0.8, 0.9], "score": [0.9, 0.95]}).set_index(["token", "layer"])
     fig = ch11.plot_layer_sweep(sweep, traces)
