@@ -5,6 +5,7 @@ One CSV per chapter (``ledger/NN_<stem>.csv``), one row per claim and seed, writ
 
     python -m cl_lab.ledger page           # docs/ledger.md: per claim, min / median / max, failing seeds, margin
     python -m cl_lab.ledger missing        # claims in the notebooks that the ledger has never measured
+    python -m cl_lab.ledger rebound 05 --claim OLD --to NEW --low 3   # a bound restated on the values measured
 
 In a chapter, ``spread("08", claim)`` gives the per-seed values and ``strip_plot("08", [claim, ...])`` draws
 them, read from the ledger without re-running. ``cl_lab.check`` asks ``calibrated_seeds`` whether a failed
@@ -111,13 +112,101 @@ def has_run(path: Path, seed: int, notebook_hash: str) -> bool:
         return any(int(r["seed"]) == seed and r["notebook_hash"] == notebook_hash for r in csv.DictReader(source))
 
 
+class _BlankCheckLiterals(ast.NodeTransformer):
+    """Replaces the literal arguments of ``check.*`` calls (bounds, margins, sentences) with ``...``."""
+
+    def visit_Call(self, node: ast.Call) -> ast.Call:
+        self.generic_visit(node)
+        if _is_check_call(node):
+            node.args = [_blank_if_literal(a) for a in node.args]
+            for keyword in node.keywords:
+                keyword.value = _blank_if_literal(keyword.value)
+        return node
+
+
+def _blank_if_literal(node: ast.expr) -> ast.expr:
+    reads_something = any(isinstance(n, (ast.Name, ast.Attribute, ast.Call, ast.Subscript)) for n in ast.walk(node))
+    return node if reads_something else ast.Constant(...)
+
+
+def _measurement_code(source: str) -> str:
+    """A code cell as the claims measure it: magics dropped, the check calls' literal bounds and sentences blanked."""
+    lines = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+    try:
+        tree = ast.parse(lines)
+    except SyntaxError:
+        return source
+    return ast.unparse(_BlankCheckLiterals().visit(tree))
+
+
 def notebook_hash(path: Path) -> str:
-    """A fingerprint of a notebook's code cells (prose edits do not change what the claims measure)."""
+    """A fingerprint of what a notebook's code measures: its code cells, with the literal bounds and sentences of
+    its ``check.*`` calls blanked. Prose edits, and a bound or sentence restated after the ledger (``rebound``),
+    leave it unchanged; any other code change means the chapter is measured again."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
-    code = "\n\x00".join(c.source for c in nb.cells if c.cell_type == "code")
+    code = "\n\x00".join(_measurement_code(c.source) for c in nb.cells if c.cell_type == "code")
     return hashlib.sha256(code.encode("utf-8")).hexdigest()[:12]
+
+
+# --- restating a claim's bound against the values already measured ----------------------------------------------
+
+def _bound_label(kind: str, low: float, high: float, row: dict) -> str:
+    if kind == "at_least":
+        return f"≥ {low:.4g}"
+    if kind == "at_most":
+        return f"≤ {high:.4g}"
+    if kind == "between":
+        return f"in [{low:.4g}, {high:.4g}]"
+    if kind == "greater":
+        b = _number(row["measured"]) - row["value"]
+        return f"> {b:.4g}" + (f" + {low:.4g}" if low else "")
+    raise ValueError(f"kind {kind!r} cannot be rebounded; allowed: at_least, at_most, between, greater")
+
+
+def rebound_rows(rows: list[dict], claim: str, new_claim: str, low: float | None = None,
+                 high: float | None = None) -> list[dict]:
+    """The rows with ``claim`` restated as ``new_claim`` against new bounds, judged on the values already measured.
+
+    Valid only when the notebook measures the same thing as before (its ``notebook_hash`` is unchanged): a bound
+    does not change what a run measures, so re-running the seeds would give the same values."""
+    matched = [r for r in rows if r["claim"] == claim]
+    if not matched:
+        raise KeyError(f"claim {claim!r} is not in the ledger; the rows hold: {sorted({r['claim'] for r in rows})}")
+    out = []
+    for row in rows:
+        if row["claim"] != claim:
+            out.append(row)
+            continue
+        new_low = row["low"] if low is None else low
+        new_high = row["high"] if high is None else high
+        value = row["value"]
+        margins = [value - new_low if not math.isnan(new_low) else math.inf,
+                   new_high - value if not math.isnan(new_high) else math.inf]
+        margin = min(margins)
+        passed = margin > 0 if row["kind"] == "greater" else margin >= 0
+        out.append({**row, "claim": new_claim, "low": new_low, "high": new_high, "margin": margin,
+                    "status": "passed" if passed else "FAILED",
+                    "bound": _bound_label(row["kind"], new_low, new_high, row), "note": "bound restated"})
+    return out
+
+
+def rebound(chapter: str, claim: str, new_claim: str, low: float | None = None, high: float | None = None,
+            ledger_dir: Path | None = None, notebooks: Path | None = None) -> int:
+    """Apply ``rebound_rows`` to a chapter's ledger file, refusing when the notebook now measures something else.
+    Returns the number of rows restated."""
+    path = ledger_path(chapter, ledger_dir)
+    if path is None:
+        raise FileNotFoundError(f"chapter {chapter!r} has no ledger file yet")
+    current = notebook_hash((notebooks or NOTEBOOKS) / f"{path.stem}.ipynb")
+    rows = read(path.stem, ledger_dir)
+    stale = sorted({r["seed"] for r in rows if r["claim"] == claim and r["notebook_hash"] != current})
+    if stale:
+        raise ValueError(f"seeds {seed_span(stale)} measured an older version of {path.stem}: re-run the ledger "
+                         "for them instead of restating the bound")
+    write_rows(path, rebound_rows(rows, claim, new_claim, low, high))
+    return sum(r["claim"] == claim for r in rows)
 
 
 # --- what the checks and the chapters read -------------------------------------------------------------------
@@ -326,6 +415,11 @@ class StaticClaim:
         return self.pattern.fullmatch(claim) is not None
 
 
+def _is_check_call(node: ast.Call) -> bool:
+    return (isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "check" and node.func.attr in CHECKS)
+
+
 def _claim_argument(call: ast.Call) -> ast.expr | None:
     position = CHECKS[call.func.attr]
     for keyword in call.keywords:
@@ -361,9 +455,7 @@ def static_claims(notebook: Path) -> list[StaticClaim]:
             continue
         source = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
         for node in ast.walk(ast.parse(source)):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "check"
-                    and node.func.attr in CHECKS):
+            if isinstance(node, ast.Call) and _is_check_call(node):
                 argument = _claim_argument(node)
                 claim = _static_claim(argument) if argument is not None else None
                 if claim is not None:
@@ -379,9 +471,20 @@ def missing_claims(notebook: Path, ledger_dir: Path | None = None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("page", "missing"))
+    parser.add_argument("command", choices=("page", "missing", "rebound"))
+    parser.add_argument("chapter", nargs="?", help="rebound: the chapter, e.g. 05")
     parser.add_argument("--out", type=Path, default=PAGE, help="where the page goes (default docs/ledger.md)")
+    parser.add_argument("--claim", help="rebound: the claim sentence as the ledger holds it")
+    parser.add_argument("--to", help="rebound: the restated sentence, as the notebook's check call now says it")
+    parser.add_argument("--low", type=float, help="rebound: the new lower bound (or greater's margin)")
+    parser.add_argument("--high", type=float, help="rebound: the new upper bound")
     args = parser.parse_args(argv)
+    if args.command == "rebound":
+        if not (args.chapter and args.claim and args.to):
+            parser.error("rebound needs CHAPTER, --claim and --to")
+        count = rebound(args.chapter, args.claim, args.to, args.low, args.high)
+        print(f"{args.chapter}: {count} rows restated")
+        return 0
     if args.command == "page":
         args.out.write_text(page(), encoding="utf-8")
         print(f"written to {args.out}")

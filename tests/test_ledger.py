@@ -160,3 +160,34 @@ def test_every_claim_of_a_chapter_is_in_its_ledger(notebook):
     assert not missing, (f"{len(missing)} claims of {notebook.stem} are not in ledger/{notebook.stem}.csv; "
                          f"measure them: bash scripts/preflight.sh --seeds 0-9 --ledger {notebook.name[:2]}\n"
                          + "\n".join(missing))
+
+
+def test_notebook_hash_ignores_a_restated_bound_but_not_the_measurement(folder):
+    def hashed(code):
+        path = folder / "nb.ipynb"
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)]), path)
+        return ledger.notebook_hash(path)
+
+    base = hashed("check.at_least(acc(m), 0.9, 'keeps ≥ 0.9')")
+    assert hashed("check.at_least(acc(m), 0.85, 'keeps ≥ 0.85')") == base
+    assert hashed("check.at_least(acc(m2), 0.9, 'keeps ≥ 0.9')") != base
+    assert hashed("check.at_least(acc(m), BOUND, 'keeps ≥ 0.9')") != base
+
+
+def test_rebound_restates_a_claim_on_the_values_measured(folder):
+    rows = [_row(s, "gap ≥ 10", v, low=10.0) for s, v in ((0, 12.0), (1, 7.6))]
+    out = ledger.rebound_rows(rows, "gap ≥ 10", "gap ≥ 5", low=5.0)
+    assert [(r["claim"], r["status"], round(r["margin"], 6), r["bound"]) for r in out] == [
+        ("gap ≥ 5", "passed", 7.0, "≥ 5"), ("gap ≥ 5", "passed", 2.6, "≥ 5")]
+    with pytest.raises(KeyError, match="not in the ledger"):
+        ledger.rebound_rows(rows, "no such claim", "x", low=1.0)
+
+
+def test_rebound_refuses_rows_measured_on_other_code(folder):
+    notebooks = folder / "nbs"
+    notebooks.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")]), notebooks / "07_x.ipynb")
+    row = _row(0, "a", 0.5, low=0.4, notebook_hash="old")
+    ledger.write_rows(folder / "07_x.csv", [row])
+    with pytest.raises(ValueError, match="re-run the ledger"):
+        ledger.rebound("07", "a", "b", low=0.3, ledger_dir=folder, notebooks=notebooks)
