@@ -36,14 +36,16 @@ from cl_lab.methods.lora import LoRAModel, PerTaskLoRA, SharedLoRA, lora_paramet
 # ================================================================ the language model
 
 LM_TASKS = (("subjects", 10), ("relation", 20), ("format", 60))
+SMOKE_TASKS = (("subjects", 4), ("relation", 8), ("format", 16))  # fits the SMOKE lab's 40-person world
 SETUPS = ("full fine-tuning", "shared LoRA", "per-task LoRA", "attention LoRA", "MLP LoRA")
 _WHERE = {"shared LoRA": "all", "per-task LoRA": "all", "attention LoRA": "attention", "MLP LoRA": "mlp"}
 
 
 @lru_cache(maxsize=4)
-def lab_of(seed: int = 0) -> lm.Lab:
-    """The tiny LM of ``seed`` (pretrained once, then loaded from the disk cache; kept in memory here)."""
-    return lm.tiny_lm(seed, progress=True)
+def lab_of(seed: int = 0, smoke: bool = False) -> lm.Lab:
+    """The tiny LM of ``seed`` (pretrained once, then loaded from the disk cache); with ``smoke``, the 1-layer
+    lab of ``lm.SMOKE_CONFIG`` (seconds to pretrain), so a SMOKE run never pretrains the full-size LM."""
+    return lm.tiny_lm(seed, progress=not smoke, **(lm.SMOKE_CONFIG if smoke else {}))
 
 
 def _padded(x: torch.Tensor, length: int, pad_id: int) -> torch.Tensor:
@@ -204,15 +206,17 @@ def renderings_per_fact(world) -> int:
     return round(len(world.train_facts) / len(nulls.fact_keys(world.train_facts)))
 
 
-def null_stream(lab: lm.Lab, stream: Stream, seed: int = 0) -> Stream:
+def null_stream(lab: lm.Lab, stream: Stream, seed: int = 0, require_known: bool = True) -> Stream:
     """The optimizer null of the chapter's ``stream``: for each of its tasks, a task of pretraining facts the LM
     already recalls with about as many prompts (``lm.nulls.known_fact_stream``), disjoint from one another and
     from the scored pretraining facts (``stream``'s task 0), padded alike. Evaluated on that task 0 alone, so
-    R[:, 0] of a run on it is the same measurement as the learners' R[:, 0]."""
+    R[:, 0] of a run on it is the same measurement as the learners' R[:, 0]. ``require_known=False``: any
+    pretraining facts (the SMOKE lab recalls none)."""
     scored = stream.eval_tasks[0]
     per_fact = renderings_per_fact(lab.world)
     sizes = [max(1, round(len(t.y_train) / per_fact)) for t in stream.tasks]
-    known = nulls.known_fact_stream(lab, sizes, seed, exclude=scored.train_facts, length=stream.input_shape[0])
+    known = nulls.known_fact_stream(lab, sizes, seed, exclude=scored.train_facts, length=stream.input_shape[0],
+                                    require_known=require_known)
     return Stream("known facts after pretraining (the optimizer null)", "domain", known.tasks, stream.n_out,
                   stream.input_shape, eval_tasks=[scored])
 
@@ -398,26 +402,28 @@ def lm_cost_table(lab: lm.Lab, stream: Stream, ranks: Sequence[int] = (1, 4, 8, 
 # ---------------------------------------------------------------- playground (LM)
 
 def lm_point(rank: int, alpha: float, replay_share: float, steps: int = 30, lr: float = 1e-3, seed: int = 0,
-             n_pretrained: int = 300, max_facts: int = 400, device: str | torch.device = "cpu") -> dict:
+             n_pretrained: int = 300, max_facts: int = 400, device: str | torch.device = "cpu",
+             smoke: bool = False) -> dict:
     """The playground: one shared LoRA (rank, α) on the first new task (new people), with replay of
-    pretraining text at ``replay_share`` of the supervised tokens; what it learned and what the LM kept."""
+    pretraining text at ``replay_share`` of the supervised tokens; what it learned and what the LM kept
+    (``smoke``: on the SMOKE lab)."""
     _validate.positive_int("rank", rank)
     _validate.positive("alpha", alpha)
     _validate.in_range("replay_share", replay_share, 0.0, 1.0, high_open=True)
-    lab = lab_of(seed)
-    stream = first_new_task(lm_stream(lab, n_pretrained=n_pretrained, seed=seed))
+    lab = lab_of(seed, smoke)
+    stream = first_new_task(lm_stream(lab, SMOKE_TASKS if smoke else LM_TASKS, n_pretrained=n_pretrained, seed=seed))
     replay = TextReplay(lab, replay_share, seed=seed) if replay_share > 0 else None
     result = run_setup(lab, stream, "shared LoRA", rank=rank, alpha=alpha, steps=steps, lr=lr, seed=seed,
                        extra=[replay] if replay else [], max_facts=max_facts, device=device)
     return {"rank": rank, "alpha": alpha, "replay share": replay_share, "new people": float(result.run.R[0, 1]),
             "pretraining recall": result.end["recall"], "perplexity": result.end["perplexity"],
             "replayed share": replay.share if replay else 0.0, "adapter parameters": result.trainable,
-            **{f"base {k}": v for k, v in _base_row(seed, max_facts).items()}}
+            **{f"base {k}": v for k, v in _base_row(seed, max_facts, smoke).items()}}
 
 
 @lru_cache(maxsize=8)
-def _base_row(seed: int, max_facts: int | None) -> dict:
-    lab = lab_of(seed)
+def _base_row(seed: int, max_facts: int | None, smoke: bool = False) -> dict:
+    lab = lab_of(seed, smoke)
     row = lm.evaluate(lab.model, lab.tokenizer, lab.world, max_facts=max_facts, seed=seed)
     return {"recall": row["recall"], "perplexity": row["perplexity"]}
 

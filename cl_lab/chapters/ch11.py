@@ -303,18 +303,22 @@ def plot_many_edits(table: pd.DataFrame):
 
 # ---------------------------------------------------------------- playground
 
+SMOKE_LAB = dict(lm.SMOKE_CONFIG, n_layer=4, n_embd=64, steps=300, batch_size=32)  # ~10 s; recalls some of the
+# facts, which tracing and editing need (``lm.SMOKE_CONFIG``'s 1-layer lab recalls none)
+
 @lru_cache(maxsize=4)
-def _setup(seed: int) -> tuple[lm.Lab, dict[int, torch.Tensor]]:
-    lab = lm.tiny_lm(seed, progress=False)
-    return lab, covariances(lab, seed=seed)
+def _setup(seed: int, smoke: bool = False) -> tuple[lm.Lab, dict[int, torch.Tensor]]:
+    lab = lm.tiny_lm(seed, progress=False, **(SMOKE_LAB if smoke else {}))
+    return lab, covariances(lab, n_texts=200 if smoke else 1000, seed=seed)
 
 
 @lru_cache(maxsize=128)
-def edit_point(layer: int, n_edits: int, seed: int = 0, lam: float = 500.0) -> dict:
+def edit_point(layer: int, n_edits: int, seed: int = 0, lam: float = 500.0, smoke: bool = False) -> dict:
     """The playground's callback: ``n_edits`` edits written in one batch at ``layer`` alone (MEMIT at one layer,
-    λ = ``lam``, at the last token); the scores of the edits, the untouched facts and the perplexity."""
+    λ = ``lam``, at the last token); the scores of the edits, the untouched facts and the perplexity
+    (``smoke``: on the SMOKE lab)."""
     _validate.non_negative_int("layer", layer)
-    lab, covs = _setup(seed)
+    lab, covs = _setup(seed, smoke)
     tracing.check_layers(lab.model, [layer])
     edits = rome.world_edits(lab.world, n_edits, seed=seed + 1)
     others = [f for f in lab.world.train_facts if f.subject not in {e.subject for e in edits}]
