@@ -38,6 +38,7 @@ PAGE = ROOT / "docs" / "ledger.md"
 DEFAULT_SEEDS = tuple(range(10))  # the seeds a chapter counts as calibrated at until its ledger exists
 FIELDS = ("seed", "notebook_hash", "order", "claim", "occurrence", "kind", "always", "value", "low", "high",
           "margin", "status", "measured", "bound", "note")
+VIEW_TAG = "ledger-view"  # a code cell that only reads the ledger: outside the fingerprint
 CHECKS = {"at_least": 2, "at_most": 2, "between": 3, "greater": 2, "close": 2, "true": 1}  # claim's position
 
 
@@ -141,12 +142,14 @@ def _measurement_code(source: str) -> str:
 
 def notebook_hash(path: Path) -> str:
     """A fingerprint of what a notebook's code measures: its code cells, with the literal bounds and sentences of
-    its ``check.*`` calls blanked. Prose edits, and a bound or sentence restated after the ledger (``rebound``),
-    leave it unchanged; any other code change means the chapter is measured again."""
+    its ``check.*`` calls blanked. Prose edits, a bound or sentence restated after the ledger (``rebound``), and
+    cells tagged ``ledger-view`` (they only draw what the ledger holds, e.g. ``strip_plot``) leave it unchanged;
+    any other code change means the chapter is measured again."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
-    code = "\n\x00".join(_measurement_code(c.source) for c in nb.cells if c.cell_type == "code")
+    measuring = [c for c in nb.cells if c.cell_type == "code" and VIEW_TAG not in c.metadata.get("tags", [])]
+    code = "\n\x00".join(_measurement_code(c.source) for c in measuring)
     return hashlib.sha256(code.encode("utf-8")).hexdigest()[:12]
 
 

@@ -174,6 +174,17 @@ def test_notebook_hash_ignores_a_restated_bound_but_not_the_measurement(folder):
     assert hashed("check.at_least(acc(m), BOUND, 'keeps ≥ 0.9')") != base
 
 
+def test_notebook_hash_leaves_out_cells_that_only_view_the_ledger(folder):
+    path = folder / "nb.ipynb"
+    cells = [nbformat.v4.new_code_cell("x = 1")]
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
+    before = ledger.notebook_hash(path)
+    view = nbformat.v4.new_code_cell("ledger.strip_plot('07', ['a'])")
+    view.metadata["tags"] = [ledger.VIEW_TAG]
+    nbformat.write(nbformat.v4.new_notebook(cells=cells + [view]), path)
+    assert ledger.notebook_hash(path) == before
+
+
 def test_rebound_restates_a_claim_on_the_values_measured(folder):
     rows = [_row(s, "gap ≥ 10", v, low=10.0) for s, v in ((0, 12.0), (1, 7.6))]
     out = ledger.rebound_rows(rows, "gap ≥ 10", "gap ≥ 5", low=5.0)
