@@ -5,6 +5,7 @@ One CSV per chapter (``ledger/NN_<stem>.csv``), one row per claim and seed, writ
 
     python -m cl_lab.ledger page           # docs/ledger.md: per claim, min / median / max, failing seeds, margin
     python -m cl_lab.ledger missing        # claims in the notebooks that the ledger has never measured
+    python -m cl_lab.ledger weak [05]     # claims failing at a seed or with under one sd of margin
     python -m cl_lab.ledger rebound 05 --claim OLD --to NEW --low 3   # a bound restated on the values measured
 
 In a chapter, ``spread("08", claim)`` gives the per-seed values and ``strip_plot("08", [claim, ...])`` draws
@@ -343,6 +344,20 @@ def summarize(rows: list[dict]) -> list[ClaimSummary]:
     return sorted(out, key=ClaimSummary.sort_key)
 
 
+def suggested_bound(summary: ClaimSummary) -> str:
+    """A bound one standard deviation outside the seeds' range (to be rounded out by hand into the prose)."""
+    values = list(summary.values.values())
+    low, high = min(values) - summary.sd, max(values) + summary.sd
+    return {"at_least": f"≥ {_fmt(low)}", "at_most": f"≤ {_fmt(high)}", "between": f"in [{_fmt(low)}, {_fmt(high)}]",
+            "greater": f"a − b > {_fmt(low)}"}.get(summary.kind, "state it as moving with the seed")
+
+
+def weak_claims(chapter: str, ledger_dir: Path | None = None) -> list[ClaimSummary]:
+    """The lesson claims of ``chapter`` that fail at some seed or keep under one standard deviation of margin."""
+    return [c for c in summarize(read(chapter, ledger_dir))
+            if not c.always and (c.failed or (not math.isnan(c.margin_in_sd) and c.margin_in_sd < 1))]
+
+
 def _markdown(text: str) -> str:
     """A claim sentence safe inside a Markdown table cell (no table breaks, HTML, emphasis or math)."""
     text = text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
@@ -474,7 +489,7 @@ def missing_claims(notebook: Path, ledger_dir: Path | None = None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("page", "missing", "rebound"))
+    parser.add_argument("command", choices=("page", "missing", "rebound", "weak"))
     parser.add_argument("chapter", nargs="?", help="rebound: the chapter, e.g. 05")
     parser.add_argument("--out", type=Path, default=PAGE, help="where the page goes (default docs/ledger.md)")
     parser.add_argument("--claim", help="rebound: the claim sentence as the ledger holds it")
@@ -482,6 +497,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--low", type=float, help="rebound: the new lower bound (or greater's margin)")
     parser.add_argument("--high", type=float, help="rebound: the new upper bound")
     args = parser.parse_args(argv)
+    if args.command == "weak":
+        stems = [args.chapter] if args.chapter else [p.stem for p in sorted(LEDGER_DIR.glob("[0-9][0-9]_*.csv"))]
+        for stem in stems:
+            for c in weak_claims(stem):
+                values = list(c.values.values())
+                print(f"{stem[:2]} | {c.claim} | {c.bound} | {_fmt(min(values))} / {_fmt(statistics.median(values))} / "
+                      f"{_fmt(max(values))} sd {_fmt(c.sd)} | failed {seed_span(c.failed) or '-'} | "
+                      f"suggest {suggested_bound(c)}")
+        return 0
     if args.command == "rebound":
         if not (args.chapter and args.claim and args.to):
             parser.error("rebound needs CHAPTER, --claim and --to")
