@@ -7,6 +7,7 @@ One CSV per chapter (``ledger/NN_<stem>.csv``), one row per claim and seed, writ
     python -m cl_lab.ledger missing        # claims in the notebooks that the ledger has never measured
     python -m cl_lab.ledger weak [05]     # claims failing at a seed or with under one sd of margin
     python -m cl_lab.ledger rebound 05 --claim OLD --to NEW --low 3   # a bound restated on the values measured
+    python -m cl_lab.ledger drop 05 --claim OLD   # a claim the chapter no longer makes
 
 In a chapter, ``spread("08", claim)`` gives the per-seed values and ``strip_plot("08", [claim, ...])`` draws
 them, read from the ledger without re-running. ``cl_lab.check`` asks ``calibrated_seeds`` whether a failed
@@ -115,14 +116,14 @@ def has_run(path: Path, seed: int, notebook_hash: str) -> bool:
 
 
 class _BlankCheckLiterals(ast.NodeTransformer):
-    """Replaces the literal arguments of ``check.*`` calls (bounds, margins, sentences) with ``...``."""
+    """Blanks the literal arguments of ``check.*`` calls (bounds, sentences) and drops literal keywords (``margin=``,
+    ``always=``, ``claim=``): none of them changes what is measured."""
 
     def visit_Call(self, node: ast.Call) -> ast.Call:
         self.generic_visit(node)
         if _is_check_call(node):
             node.args = [_blank_if_literal(a) for a in node.args]
-            for keyword in node.keywords:
-                keyword.value = _blank_if_literal(keyword.value)
+            node.keywords = [k for k in node.keywords if _blank_if_literal(k.value) is k.value]  # literal ones go
         return node
 
 
@@ -194,6 +195,19 @@ def rebound_rows(rows: list[dict], claim: str, new_claim: str, low: float | None
                     "status": "passed" if passed else "FAILED",
                     "bound": _bound_label(row["kind"], new_low, new_high, row), "note": "bound restated"})
     return out
+
+
+def drop(chapter: str, claim: str, ledger_dir: Path | None = None) -> int:
+    """Remove a claim the chapter no longer makes from its ledger file; returns the number of rows removed."""
+    path = ledger_path(chapter, ledger_dir)
+    if path is None:
+        raise FileNotFoundError(f"chapter {chapter!r} has no ledger file yet")
+    rows = read(path.stem, ledger_dir)
+    kept = [r for r in rows if r["claim"] != claim]
+    if len(kept) == len(rows):
+        raise KeyError(f"claim {claim!r} is not in the ledger of {path.stem}")
+    write_rows(path, kept)
+    return len(rows) - len(kept)
 
 
 def rebound(chapter: str, claim: str, new_claim: str, low: float | None = None, high: float | None = None,
@@ -489,7 +503,7 @@ def missing_claims(notebook: Path, ledger_dir: Path | None = None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("page", "missing", "rebound", "weak"))
+    parser.add_argument("command", choices=("page", "missing", "rebound", "weak", "drop"))
     parser.add_argument("chapter", nargs="?", help="rebound: the chapter, e.g. 05")
     parser.add_argument("--out", type=Path, default=PAGE, help="where the page goes (default docs/ledger.md)")
     parser.add_argument("--claim", help="rebound: the claim sentence as the ledger holds it")
@@ -505,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{stem[:2]} | {c.claim} | {c.bound} | {_fmt(min(values))} / {_fmt(statistics.median(values))} / "
                       f"{_fmt(max(values))} sd {_fmt(c.sd)} | failed {seed_span(c.failed) or '-'} | "
                       f"suggest {suggested_bound(c)}")
+        return 0
+    if args.command == "drop":
+        if not (args.chapter and args.claim):
+            parser.error("drop needs CHAPTER and --claim")
+        print(f"{args.chapter}: {drop(args.chapter, args.claim)} rows removed")
         return 0
     if args.command == "rebound":
         if not (args.chapter and args.claim and args.to):

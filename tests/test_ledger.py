@@ -172,6 +172,15 @@ def test_notebook_hash_ignores_a_restated_bound_but_not_the_measurement(folder):
     assert hashed("check.at_least(acc(m), 0.85, 'keeps ≥ 0.85')") == base
     assert hashed("check.at_least(acc(m2), 0.9, 'keeps ≥ 0.9')") != base
     assert hashed("check.at_least(acc(m), BOUND, 'keeps ≥ 0.9')") != base
+    assert hashed("check.greater(a, b, 'a beats b')") == hashed("check.greater(a, b, 'a beats b by 2', margin=0.02)")
+
+
+def test_drop_removes_a_claim_the_chapter_no_longer_makes(folder):
+    ledger.write_rows(folder / "07_x.csv", [_row(0, "a", 0.5), _row(0, "b", 0.5, order=1)])
+    assert ledger.drop("07", "a", folder) == 1
+    assert [r["claim"] for r in ledger.read("07", folder)] == ["b"]
+    with pytest.raises(KeyError, match="not in the ledger"):
+        ledger.drop("07", "a", folder)
 
 
 def test_notebook_hash_leaves_out_cells_that_only_view_the_ledger(folder):
