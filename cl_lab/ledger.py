@@ -115,16 +115,35 @@ def has_run(path: Path, seed: int, notebook_hash: str) -> bool:
         return any(int(r["seed"]) == seed and r["notebook_hash"] == notebook_hash for r in csv.DictReader(source))
 
 
+BOUND_ARGUMENTS = {"at_least": 1, "at_most": 1, "between": 1, "greater": 1}  # args from this index are bounds
+
+
 class _BlankCheckLiterals(ast.NodeTransformer):
-    """Blanks the literal arguments of ``check.*`` calls (bounds, sentences) and drops literal keywords (``margin=``,
-    ``always=``, ``claim=``): none of them changes what is measured."""
+    """Blanks the literal arguments of ``check.*`` calls (bounds, sentences), the numbers inside a bound
+    argument (``naive.old + 0.05``) and drops literal keywords (``margin=``, ``always=``, ``claim=``): none of them
+    changes what is measured."""
 
     def visit_Call(self, node: ast.Call) -> ast.Call:
         self.generic_visit(node)
         if _is_check_call(node):
-            node.args = [_blank_if_literal(a) for a in node.args]
+            first_bound = BOUND_ARGUMENTS.get(node.func.attr, len(node.args))
+            node.args = [_blank_if_literal(a) if i < first_bound else _blank_numbers(a)
+                         for i, a in enumerate(node.args)]
             node.keywords = [k for k in node.keywords if _blank_if_literal(k.value) is k.value]  # literal ones go
         return node
+
+
+def _blank_numbers(node: ast.expr) -> ast.expr:
+    """A bound argument with the numbers it adds or multiplies blanked (``n.old + 0.05``); names, calls and
+    subscripts are kept: they are measured."""
+    if isinstance(node, ast.Constant):
+        return ast.Constant(...)
+    for child in ast.walk(node):
+        if isinstance(child, ast.BinOp):
+            for side in ("left", "right"):
+                if isinstance(getattr(child, side), ast.Constant):
+                    setattr(child, side, ast.Constant(...))
+    return node
 
 
 def _blank_if_literal(node: ast.expr) -> ast.expr:
@@ -171,8 +190,9 @@ def _bound_label(kind: str, low: float, high: float, row: dict) -> str:
 
 
 def rebound_rows(rows: list[dict], claim: str, new_claim: str, low: float | None = None,
-                 high: float | None = None) -> list[dict]:
+                 high: float | None = None, shift: float = 0.0) -> list[dict]:
     """The rows with ``claim`` restated as ``new_claim`` against new bounds, judged on the values already measured.
+    ``shift`` moves a bound that is an expression (``naive.old + 0.05`` → ``+ 0.1``: shift 0.05) at every seed.
 
     Valid only when the notebook measures the same thing as before (its ``notebook_hash`` is unchanged): a bound
     does not change what a run measures, so re-running the seeds would give the same values."""
@@ -184,8 +204,8 @@ def rebound_rows(rows: list[dict], claim: str, new_claim: str, low: float | None
         if row["claim"] != claim:
             out.append(row)
             continue
-        new_low = row["low"] if low is None else low
-        new_high = row["high"] if high is None else high
+        new_low = (row["low"] if low is None else low) + shift
+        new_high = (row["high"] if high is None else high) + shift
         value = row["value"]
         margins = [value - new_low if not math.isnan(new_low) else math.inf,
                    new_high - value if not math.isnan(new_high) else math.inf]
@@ -211,7 +231,7 @@ def drop(chapter: str, claim: str, ledger_dir: Path | None = None) -> int:
 
 
 def rebound(chapter: str, claim: str, new_claim: str, low: float | None = None, high: float | None = None,
-            ledger_dir: Path | None = None, notebooks: Path | None = None) -> int:
+            ledger_dir: Path | None = None, notebooks: Path | None = None, shift: float = 0.0) -> int:
     """Apply ``rebound_rows`` to a chapter's ledger file, refusing when the notebook now measures something else.
     Returns the number of rows restated."""
     path = ledger_path(chapter, ledger_dir)
@@ -223,7 +243,7 @@ def rebound(chapter: str, claim: str, new_claim: str, low: float | None = None, 
     if stale:
         raise ValueError(f"seeds {seed_span(stale)} measured an older version of {path.stem}: re-run the ledger "
                          "for them instead of restating the bound")
-    write_rows(path, rebound_rows(rows, claim, new_claim, low, high))
+    write_rows(path, rebound_rows(rows, claim, new_claim, low, high, shift))
     return sum(r["claim"] == claim for r in rows)
 
 
@@ -510,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to", help="rebound: the restated sentence, as the notebook's check call now says it")
     parser.add_argument("--low", type=float, help="rebound: the new lower bound (or greater's margin)")
     parser.add_argument("--high", type=float, help="rebound: the new upper bound")
+    parser.add_argument("--shift", type=float, default=0.0,
+                        help="rebound: move a bound written as an expression (x + 0.05 → x + 0.1: --shift 0.05)")
     args = parser.parse_args(argv)
     if args.command == "weak":
         stems = [args.chapter] if args.chapter else [p.stem for p in sorted(LEDGER_DIR.glob("[0-9][0-9]_*.csv"))]
@@ -528,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "rebound":
         if not (args.chapter and args.claim and args.to):
             parser.error("rebound needs CHAPTER, --claim and --to")
-        count = rebound(args.chapter, args.claim, args.to, args.low, args.high)
+        count = rebound(args.chapter, args.claim, args.to, args.low, args.high, shift=args.shift)
         print(f"{args.chapter}: {count} rows restated")
         return 0
     if args.command == "page":

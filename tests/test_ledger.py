@@ -173,6 +173,9 @@ def test_notebook_hash_ignores_a_restated_bound_but_not_the_measurement(folder):
     assert hashed("check.at_least(acc(m2), 0.9, 'keeps ≥ 0.9')") != base
     assert hashed("check.at_least(acc(m), BOUND, 'keeps ≥ 0.9')") != base
     assert hashed("check.greater(a, b, 'a beats b')") == hashed("check.greater(a, b, 'a beats b by 2', margin=0.02)")
+    assert hashed("check.at_most(d.old, n.old + 0.05, 'x')") == hashed("check.at_most(d.old, n.old + 0.1, 'y')")
+    assert hashed("check.at_most(d.old, n.old + 0.05, 'x')") != hashed("check.at_most(d.old, m.old + 0.05, 'x')")
+    assert hashed("check.at_most(d.old * 2, 0.5, 'x')") != hashed("check.at_most(d.old * 3, 0.5, 'x')")
 
 
 def test_drop_removes_a_claim_the_chapter_no_longer_makes(folder):
@@ -199,6 +202,8 @@ def test_rebound_restates_a_claim_on_the_values_measured(folder):
     out = ledger.rebound_rows(rows, "gap ≥ 10", "gap ≥ 5", low=5.0)
     assert [(r["claim"], r["status"], round(r["margin"], 6), r["bound"]) for r in out] == [
         ("gap ≥ 5", "passed", 7.0, "≥ 5"), ("gap ≥ 5", "passed", 2.6, "≥ 5")]
+    shifted = ledger.rebound_rows(rows, "gap ≥ 10", "gap ≥ 12", shift=2.0)
+    assert [r["status"] for r in shifted] == ["passed", "FAILED"] and shifted[0]["low"] == 12.0
     with pytest.raises(KeyError, match="not in the ledger"):
         ledger.rebound_rows(rows, "no such claim", "x", low=1.0)
 
