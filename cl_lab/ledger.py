@@ -292,6 +292,12 @@ def strip_plot(chapter: str, claims: list[str], ax=None, ledger_dir: Path | None
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 0.6 + 0.5 * len(claims)))
     rows = read(chapter, ledger_dir)
+    if not rows:  # an installed copy without the repository's ledger/ folder: say so, do not stop Run All
+        message = f"no claims ledger for chapter {chapter} under {ledger_dir or LEDGER_DIR}: see docs/ledger.md"
+        print(message)
+        ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=8, transform=ax.transAxes)
+        ax.set_axis_off()
+        return ax
     for y, claim in enumerate(claims):
         mine = [r for r in rows if r["claim"] == claim and r["occurrence"] == 0 and r["status"] != "skipped"]
         if not mine:

@@ -216,3 +216,8 @@ def test_rebound_refuses_rows_measured_on_other_code(folder):
     ledger.write_rows(folder / "07_x.csv", [row])
     with pytest.raises(ValueError, match="re-run the ledger"):
         ledger.rebound("07", "a", "b", low=0.3, ledger_dir=folder, notebooks=notebooks)
+
+
+def test_strip_plot_without_a_ledger_says_so_and_does_not_stop(folder, capsys):
+    ax = ledger.strip_plot("07", ["a"], ledger_dir=folder / "none")
+    assert "no claims ledger for chapter 07" in capsys.readouterr().out and not ax.axison
