@@ -136,13 +136,12 @@ class _BlankCheckLiterals(ast.NodeTransformer):
 def _blank_numbers(node: ast.expr) -> ast.expr:
     """A bound argument with the numbers it adds or multiplies blanked (``n.old + 0.05``); names, calls and
     subscripts are kept: they are measured."""
-    if isinstance(node, ast.Constant):
+    if _blank_if_literal(node) is not node:  # 0.5, -0.05, 1 / 100
         return ast.Constant(...)
     for child in ast.walk(node):
         if isinstance(child, ast.BinOp):
             for side in ("left", "right"):
-                if isinstance(getattr(child, side), ast.Constant):
-                    setattr(child, side, ast.Constant(...))
+                setattr(child, side, _blank_if_literal(getattr(child, side)))
     return node
 
 

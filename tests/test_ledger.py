@@ -176,6 +176,8 @@ def test_notebook_hash_ignores_a_restated_bound_but_not_the_measurement(folder):
     assert hashed("check.at_most(d.old, n.old + 0.05, 'x')") == hashed("check.at_most(d.old, n.old + 0.1, 'y')")
     assert hashed("check.at_most(d.old, n.old + 0.05, 'x')") != hashed("check.at_most(d.old, m.old + 0.05, 'x')")
     assert hashed("check.at_most(d.old * 2, 0.5, 'x')") != hashed("check.at_most(d.old * 3, 0.5, 'x')")
+    assert hashed("check.at_least(g, -0.05, 'x')") == hashed("check.at_least(g, 0.1, 'x')")
+    assert hashed("check.at_most(g, n + 0.05, 'x')") == hashed("check.at_most(g, n + -0.1, 'x')")
 
 
 def test_drop_removes_a_claim_the_chapter_no_longer_makes(folder):
