@@ -119,17 +119,19 @@ BOUND_ARGUMENTS = {"at_least": 1, "at_most": 1, "between": 1, "greater": 1}  # a
 
 
 class _BlankCheckLiterals(ast.NodeTransformer):
-    """Blanks the literal arguments of ``check.*`` calls (bounds, sentences), the numbers inside a bound
-    argument (``naive.old + 0.05``) and drops literal keywords (``margin=``, ``always=``, ``claim=``): none of them
-    changes what is measured."""
+    """Blanks the literal arguments of ``check.*`` calls (bounds), the claim sentence (f-strings too), the numbers
+    inside a bound argument (``naive.old + 0.05``) and drops literal keywords (``margin=``, ``always=``): none of
+    them changes what is measured."""
 
     def visit_Call(self, node: ast.Call) -> ast.Call:
         self.generic_visit(node)
         if _is_check_call(node):
             first_bound = BOUND_ARGUMENTS.get(node.func.attr, len(node.args))
-            node.args = [_blank_if_literal(a) if i < first_bound else _blank_numbers(a)
-                         for i, a in enumerate(node.args)]
-            node.keywords = [k for k in node.keywords if _blank_if_literal(k.value) is k.value]  # literal ones go
+            sentence = CHECKS[node.func.attr]  # the claim's position: a sentence, even an f-string, measures nothing
+            node.args = [ast.Constant(...) if i == sentence else _blank_if_literal(a) if i < first_bound
+                         else _blank_numbers(a) for i, a in enumerate(node.args)]
+            node.keywords = [k for k in node.keywords
+                             if k.arg != "claim" and _blank_if_literal(k.value) is k.value]  # literal ones go
         return node
 
 

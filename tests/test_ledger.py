@@ -177,6 +177,7 @@ def test_notebook_hash_ignores_a_restated_bound_but_not_the_measurement(folder):
     assert hashed("check.at_most(d.old, n.old + 0.05, 'x')") != hashed("check.at_most(d.old, m.old + 0.05, 'x')")
     assert hashed("check.at_most(d.old * 2, 0.5, 'x')") != hashed("check.at_most(d.old * 3, 0.5, 'x')")
     assert hashed("check.at_least(g, -0.05, 'x')") == hashed("check.at_least(g, 0.1, 'x')")
+    assert hashed("check.at_least(g, 0.9, f'{m}: ≥ 94 %')") == hashed("check.at_least(g, 0.9, f'{m}: ≥ 93 %')")
     assert hashed("check.at_most(g, n + 0.05, 'x')") == hashed("check.at_most(g, n + -0.1, 'x')")
 
 
