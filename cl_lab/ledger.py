@@ -152,11 +152,15 @@ def _blank_if_literal(node: ast.expr) -> ast.expr:
     return node if reads_something else ast.Constant(...)
 
 
+def _without_magics(source: str) -> str:
+    """A code cell's Python: its IPython magic and shell lines (``%…``, ``!…``) dropped."""
+    return "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+
+
 def _measurement_code(source: str) -> str:
     """A code cell as the claims measure it: magics dropped, the check calls' literal bounds and sentences blanked."""
-    lines = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
     try:
-        tree = ast.parse(lines)
+        tree = ast.parse(_without_magics(source))
     except SyntaxError:
         return source
     return ast.unparse(_BlankCheckLiterals().visit(tree))
@@ -218,11 +222,16 @@ def rebound_rows(rows: list[dict], claim: str, new_claim: str, low: float | None
     return out
 
 
-def drop(chapter: str, claim: str, ledger_dir: Path | None = None) -> int:
-    """Remove a claim the chapter no longer makes from its ledger file; returns the number of rows removed."""
+def _existing_ledger(chapter: str, ledger_dir: Path | None) -> Path:
     path = ledger_path(chapter, ledger_dir)
     if path is None:
         raise FileNotFoundError(f"chapter {chapter!r} has no ledger file yet")
+    return path
+
+
+def drop(chapter: str, claim: str, ledger_dir: Path | None = None) -> int:
+    """Remove a claim the chapter no longer makes from its ledger file; returns the number of rows removed."""
+    path = _existing_ledger(chapter, ledger_dir)
     rows = read(path.stem, ledger_dir)
     kept = [r for r in rows if r["claim"] != claim]
     if len(kept) == len(rows):
@@ -235,9 +244,7 @@ def rebound(chapter: str, claim: str, new_claim: str, low: float | None = None, 
             ledger_dir: Path | None = None, notebooks: Path | None = None, shift: float = 0.0) -> int:
     """Apply ``rebound_rows`` to a chapter's ledger file, refusing when the notebook now measures something else.
     Returns the number of rows restated."""
-    path = ledger_path(chapter, ledger_dir)
-    if path is None:
-        raise FileNotFoundError(f"chapter {chapter!r} has no ledger file yet")
+    path = _existing_ledger(chapter, ledger_dir)
     current = notebook_hash((notebooks or NOTEBOOKS) / f"{path.stem}.ipynb")
     rows = read(path.stem, ledger_dir)
     stale = sorted({r["seed"] for r in rows if r["claim"] == claim and r["notebook_hash"] != current})
@@ -514,8 +521,7 @@ def static_claims(notebook: Path) -> list[StaticClaim]:
     for cell in nbformat.read(notebook, as_version=4).cells:
         if cell.cell_type != "code":
             continue
-        source = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
-        for node in ast.walk(ast.parse(source)):
+        for node in ast.walk(ast.parse(_without_magics(cell.source))):
             if isinstance(node, ast.Call) and _is_check_call(node):
                 argument = _claim_argument(node)
                 claim = _static_claim(argument) if argument is not None else None
