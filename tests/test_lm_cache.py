@@ -55,6 +55,6 @@ def test_every_entry_point_sources_env_sh(script):
     assert re.search(r'^source "\$\(dirname "\$0"\)/_env\.sh"', (ROOT / "scripts" / script).read_text(), re.MULTILINE)
 
 
-def test_prepare_class_pretrains_seed_0_by_default():
+def test_prepare_class_loads_seed_0_by_default():
     text = (ROOT / "scripts" / "prepare_class.sh").read_text()
     assert "or [0]" in text and "lm.tiny_lm(seed=seed)" in text

@@ -26,8 +26,8 @@ Pieces:
 - ``tiny_lm`` / ``LMConfig`` / ``Lab`` (``lab.py``): pretraining with the full next-token loss (about 100 s of
   one CPU core at the defaults; ``SMOKE_CONFIG`` makes a 1-layer lab in seconds for SMOKE runs), cached in
   ``cache.cache_root()`` (``~/.cache/cl_lab/lm/``, or ``$CL_LAB_CACHE/lm/``) by a hash of the configuration,
-  ``CORPUS_VERSION`` and the corpus; a file lock makes concurrent first calls pretrain once. ``LMClassifier``
-  is the classifier view.
+  ``CORPUS_VERSION`` and the corpus; a file lock makes concurrent first calls pretrain once. The default
+  model (seed 0) ships in ``data/tiny_lm/`` and loads without pretraining. ``LMClassifier`` is the classifier view.
 - ``evaluate``, ``recall``, ``perplexity``, ``complete`` (``evaluate.py``).
 - ``fact_stream`` (``stream.py``): new people, new relations, or a new answer format, as a Domain-IL
   ``Stream`` for ``train.fit``.

@@ -6,6 +6,10 @@ Where: ``$CL_LAB_CACHE/lm/`` when that variable is set, else ``$XDG_CACHE_HOME/c
 folder, so a kernel started by ``lab.sh`` finds the model that ``python -c "from cl_lab import lm; lm.tiny_lm()"``
 or ``prepare_class.sh`` cached: one place for every entry point.
 
+The default seed's model ships with the package (``shipped_root()``, 3 MB): its key is looked up there first,
+so a reader's first ``tiny_lm()`` loads in a second instead of pretraining for one to two minutes. Any other
+seed or configuration is pretrained and cached as below.
+
 Layout: ``<place>/<key>/`` holds the weights (``model.safetensors``, ``config.json``) and ``meta.json``. The key
 hashes everything that decides the weights: the full configuration, ``CORPUS_VERSION``, a digest of the corpus
 and vocabulary themselves, and transformers' major version — a changed world or config gets a new key, so a
@@ -49,6 +53,17 @@ def cache_home() -> Path:
 def cache_root() -> Path:
     """The pretrained tiny LMs' folder: ``cache_home() / "lm"`` (default ``~/.cache/cl_lab/lm``)."""
     return cache_home() / "lm"
+
+
+def shipped_root() -> Path:
+    """Pretrained tiny LMs that ship inside the package (the default seed's), read before the cache."""
+    return Path(__file__).parent / "data" / "tiny_lm"
+
+
+def shipped(key: str) -> Path | None:
+    """The shipped folder of ``key``, or None: a changed config, corpus or transformers major misses it."""
+    folder = shipped_root() / key
+    return folder if (folder / META).exists() else None
 
 
 def cache_key(config: dict, corpus_version: int, corpus_digest: str) -> str:
