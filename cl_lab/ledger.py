@@ -28,6 +28,7 @@ import json
 import math
 import re
 import statistics
+import subprocess
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -173,10 +174,60 @@ def notebook_hash(path: Path) -> str:
     any other code change means the chapter is measured again."""
     import nbformat
 
-    nb = nbformat.read(path, as_version=4)
+    return _fingerprint(nbformat.read(path, as_version=4))
+
+
+def _fingerprint(nb) -> str:
     measuring = [c for c in nb.cells if c.cell_type == "code" and VIEW_TAG not in c.metadata.get("tags", [])]
     code = "\n\x00".join(_measurement_code(c.source) for c in measuring)
     return hashlib.sha256(code.encode("utf-8")).hexdigest()[:12]
+
+
+# --- a claim removed or turned into a printed line: nothing measured changed --------------------------------------
+
+def _is_report(stmt: ast.stmt) -> bool:
+    """A statement that only reports: ``check.*(…)``, ``_ = check.*(…)`` or ``print(…)``."""
+    value = stmt.value if isinstance(stmt, (ast.Expr, ast.Assign)) else None
+    if not isinstance(value, ast.Call):
+        return False
+    return _is_check_call(value) or (isinstance(value.func, ast.Name) and value.func.id == "print")
+
+
+class _DropReports(ast.NodeTransformer):
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        super().generic_visit(node)
+        for field in ("body", "orelse", "finalbody"):
+            body = getattr(node, field, None)
+            if isinstance(body, list) and body and all(isinstance(s, ast.stmt) for s in body):
+                setattr(node, field, [s for s in body if not _is_report(s)] or [ast.Pass()])
+        return node
+
+
+def computation_code(nb) -> list[str]:
+    """A notebook's measuring code cells with every reporting statement (checks, prints) and comment dropped."""
+    return [ast.unparse(_DropReports().visit(ast.parse(_without_magics(c.source)))) for c in nb.cells
+            if c.cell_type == "code" and VIEW_TAG not in c.metadata.get("tags", [])]
+
+
+def restamp(chapter: str, measured_source: str, ledger_dir: Path | None = None,
+            notebooks: Path | None = None) -> int:
+    """Give a chapter's ledger rows the current fingerprint when the notebook they measured (``measured_source``,
+    e.g. ``git show HEAD:notebooks/NN_x.ipynb``) computes exactly what the current one does: only check calls and
+    prints were removed, added or changed. Refuses otherwise. Returns the number of rows re-stamped."""
+    import nbformat
+
+    path = _existing_ledger(chapter, ledger_dir)
+    current_path = (notebooks or NOTEBOOKS) / f"{path.stem}.ipynb"
+    measured = nbformat.reads(measured_source, as_version=4)
+    rows = read(path.stem, ledger_dir)
+    measured_hash = _fingerprint(measured)
+    if {r["notebook_hash"] for r in rows} != {measured_hash}:
+        raise ValueError(f"the ledger of {path.stem} did not measure that notebook (fingerprint {measured_hash})")
+    if computation_code(measured) != computation_code(nbformat.read(current_path, as_version=4)):
+        raise ValueError(f"{path.stem} now computes something else: re-run the ledger instead of re-stamping")
+    current = notebook_hash(current_path)
+    write_rows(path, [{**r, "notebook_hash": current} for r in rows])
+    return len(rows)
 
 
 # --- restating a claim's bound against the values already measured ----------------------------------------------
@@ -538,13 +589,15 @@ def missing_claims(notebook: Path, ledger_dir: Path | None = None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("page", "missing", "rebound", "weak", "drop"))
+    parser.add_argument("command", choices=("page", "missing", "rebound", "weak", "drop", "restamp"))
     parser.add_argument("chapter", nargs="?", help="rebound: the chapter, e.g. 05")
     parser.add_argument("--out", type=Path, default=PAGE, help="where the page goes (default docs/ledger.md)")
     parser.add_argument("--claim", help="rebound: the claim sentence as the ledger holds it")
     parser.add_argument("--to", help="rebound: the restated sentence, as the notebook's check call now says it")
     parser.add_argument("--low", type=float, help="rebound: the new lower bound (or greater's margin)")
     parser.add_argument("--high", type=float, help="rebound: the new upper bound")
+    parser.add_argument("--measured", default="HEAD",
+                        help="restamp: the git revision whose notebook the ledger measured (default HEAD)")
     parser.add_argument("--shift", type=float, default=0.0,
                         help="rebound: move a bound written as an expression (x + 0.05 → x + 0.1: --shift 0.05)")
     args = parser.parse_args(argv)
@@ -567,6 +620,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("rebound needs CHAPTER, --claim and --to")
         count = rebound(args.chapter, args.claim, args.to, args.low, args.high, shift=args.shift)
         print(f"{args.chapter}: {count} rows restated")
+        return 0
+    if args.command == "restamp":
+        if not args.chapter:
+            parser.error("restamp needs CHAPTER")
+        stem = _existing_ledger(args.chapter, None).stem
+        source = subprocess.run(["git", "show", f"{args.measured}:notebooks/{stem}.ipynb"], cwd=NOTEBOOKS.parent,
+                                capture_output=True, text=True, check=True).stdout
+        print(f"{stem}: {restamp(args.chapter, source)} rows re-stamped")
         return 0
     if args.command == "page":
         args.out.write_text(page(), encoding="utf-8")

@@ -224,3 +224,31 @@ def test_rebound_refuses_rows_measured_on_other_code(folder):
 def test_strip_plot_without_a_ledger_says_so_and_does_not_stop(folder, capsys):
     ax = ledger.strip_plot("07", ["a"], ledger_dir=folder / "none")
     assert "no claims ledger for chapter 07" in capsys.readouterr().out and not ax.axison
+
+
+
+def test_restamp_accepts_a_check_turned_into_a_print_and_refuses_a_changed_computation(folder):
+    notebooks = folder / "nbs"
+    notebooks.mkdir()
+    path = notebooks / "07_x.ipynb"
+
+    def notebook(code):
+        return nbformat.writes(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)]))
+
+    def measure(source):
+        path.write_text(source)
+        ledger.write_rows(folder / "07_x.csv", [_row(0, "x", 0.95, low=0.9, notebook_hash=ledger.notebook_hash(path))])
+
+    measured = notebook("m = fit(3)\ncheck.true(m.best == 'q', 'q falls fastest')\nif m.ok:\n"
+                        "    check.at_least(m.acc, 0.9, 'x')")
+    measure(measured)
+    path.write_text(notebook("m = fit(3)\nprint(m.best)  # moves with the seed\nif m.ok:\n"
+                             "    check.at_least(m.acc, 0.9, 'x')"))
+    assert ledger.restamp("07", measured, folder, notebooks) == 1
+    assert ledger.read("07", folder)[0]["notebook_hash"] == ledger.notebook_hash(path)
+    with pytest.raises(ValueError, match="did not measure that notebook"):
+        ledger.restamp("07", notebook("m = fit(9)"), folder, notebooks)
+    measure(measured)
+    path.write_text(notebook("m = fit(4)\nif m.ok:\n    check.at_least(m.acc, 0.9, 'x')"))
+    with pytest.raises(ValueError, match="computes something else"):
+        ledger.restamp("07", measured, folder, notebooks)
