@@ -122,7 +122,7 @@ def run_setup(lab: lm.Lab, stream: Stream, setup: str, *, rank: int = 8, alpha: 
     through the bare backbone (task 0 has no adapter), every other setup through its trained model.
     ``max_facts`` bounds the end evaluation (a seeded subset of the pretraining renderings)."""
     model, method = learner(lab, setup, rank, alpha, seed)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = models.count_parameters(model)
     through = isinstance(model, LoRAModel)  # the LM's loss terms then read the adapted classifier inside
     extra = [lm_lora.ThroughAdapters(m) if through and isinstance(m, (TextReplay, KLToBase)) else m for m in extra]
     run = train.fit(model, stream, [method, *extra], steps=steps, lr=lr, batch_size=batch_size, seed=seed,

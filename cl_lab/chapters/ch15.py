@@ -33,6 +33,7 @@ from cl_lab.chapters import ch09
 from cl_lab.data.streams import Stream
 from cl_lab.lm.lab import LMClassifier
 from cl_lab.lm.stream import FactTask
+from cl_lab.models import count_parameters
 
 METHODS = ("full fine-tuning", "LoRA", "IA³", "prompt tuning", "OSF")
 # Each method at the learning rate its paper (or PEFT's examples) trains it with: a soft prompt or a scaling vector
@@ -147,7 +148,7 @@ def keep_positions(transformer: nn.Module, n_virtual: int) -> None:
 
 def trainable(model: nn.Module) -> int:
     """Counted: the number of parameters with ``requires_grad``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return count_parameters(model)
 
 
 # ------------------------------------------------------------------ the family on one new task
