@@ -248,22 +248,19 @@ def tiny_lm(seed: int = 0, *, progress: bool = True, device: str | torch.device 
     world = cfg.world()
     tokenizer = build_tokenizer(world.vocabulary())
     start = time.perf_counter()
-    key = config_key(cfg)
-    if use_cache and cache.shipped(key) is not None:
-        folder = cache.shipped(key)
-        with _LOAD_LOCK, quiet_transformers():
-            model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32)
-        info = {"cache": str(folder), "pretrained_now": False, "shipped": True, **cache.read_meta(folder)}
-    elif use_cache:
+    if use_cache:
         def build(folder) -> dict:
             model, record = pretrain(cfg, progress=progress)
             with quiet_transformers():
                 model.save_pretrained(folder)
             return {"config": dataclasses.asdict(cfg), "corpus_version": CORPUS_VERSION, "pretraining": record}
-        folder, built = cache.ensure(key, build)
+        key = config_key(cfg)
+        shipped = cache.shipped(key)
+        folder, built = (shipped, False) if shipped is not None else cache.ensure(key, build)
         with _LOAD_LOCK, quiet_transformers():
             model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32)
-        info = {"cache": str(folder), "pretrained_now": built, **cache.read_meta(folder)}
+        info = {"cache": str(folder), "pretrained_now": built, "shipped": shipped is not None,
+                **cache.read_meta(folder)}
     else:
         model, record = pretrain(cfg, progress=progress)
         info = {"cache": None, "pretrained_now": True, "pretraining": record}
