@@ -148,12 +148,13 @@ def _as_methods(method: Method | Sequence[Method] | None) -> list[Method]:
 def fit(model: nn.Module, stream: Stream, method: Method | Sequence[Method] | None = None, *,
         steps: int = 500, lr: float = 1e-3, batch_size: int = 128, optimizer: str = "adam",
         eval_every: int | None = None, eval_samples: int = 1000, seed: int = 0,
-        device: str | torch.device = "auto", progress: bool | str = "auto") -> Run:
+        device: str | torch.device = "auto", progress: bool | str = "auto", baseline: bool = True) -> Run:
     """Train ``model`` on each task of ``stream`` in order for ``steps`` optimizer steps per task.
 
     ``method`` (one or a list) plugs into the loop's hooks; ``eval_every`` adds continual evaluation on
     ``eval_samples`` test samples per task every N steps (1 = every iteration). R is always filled at
-    task ends on the full test sets. The optimizer is created afresh for each task.
+    task ends on the full test sets. The optimizer is created afresh for each task. ``baseline=False`` skips
+    the evaluation before training (``Run.b`` is then NaN, and so FWT), for callers that chain runs.
     """
     if not isinstance(stream, Stream):
         raise TypeError(f"stream must be a cl_lab Stream, got {type(stream).__name__}")
@@ -174,7 +175,7 @@ def fit(model: nn.Module, stream: Stream, method: Method | Sequence[Method] | No
     predictor = next((m for m in methods if m.overrides_predict()), methods[0])
     evaluator = _Evaluator(stream, device, eval_samples, seed, predictor)
 
-    b = np.array(evaluator.row(model, subsample=False))
+    b = np.array(evaluator.row(model, subsample=False) if baseline else [np.nan] * len(stream.eval_tasks))
     R = np.zeros((len(stream), len(stream.eval_tasks)))
     curves, losses, boundaries = [], [], []
     total = steps * len(stream)
