@@ -113,8 +113,10 @@ def test_the_map_has_as_many_entries_as_the_note_asks_questions(note):
 
 
 def test_planned_names_a_chapter_and_a_bad_value_is_reported():
-    planned = [e for s in qi.source_map() for e in s["questions"] if e.get("planned")]
-    assert planned and all(qi.planned_text(e).startswith("*planned, chapter ") for e in planned)
+    planned = [e for s in qi.source_map() for e in s["questions"] if e.get("planned")]  # none left: every one answered
+    assert all(qi.planned_text(e).startswith("*planned, chapter ") for e in planned)
+    assert qi.planned_text({"id": "X", "planned": "09: the same tasks in every order"}) == (
+        "*planned, chapter 09:* the same tasks in every order")
     with pytest.raises(ValueError, match="planned must read"):
         qi.planned_text({"id": "X", "planned": "soon"})
 
