@@ -2,7 +2,6 @@
 timed; OSF's projection with SGD and its leak with Adam; the re-alignment experiment's bookkeeping."""
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -11,13 +10,6 @@ from cl_lab import lm
 from cl_lab.chapters import ch09, ch15
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(scope="module")
-def lab():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ch09.lab_of(0, smoke=True)
 
 
 @pytest.fixture(scope="module")

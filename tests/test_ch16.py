@@ -3,7 +3,6 @@ the order table's bookkeeping on a hand-made R, the last task's share of the var
 teachers' targets routed or averaged, the distillation loss, and the three routes to one model."""
 
 import math
-import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -16,13 +15,6 @@ from cl_lab import train
 from cl_lab.chapters import ch09, ch10, ch16
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(scope="module")
-def lab():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ch09.lab_of(0, smoke=True)
 
 
 @pytest.fixture(scope="module")
