@@ -151,7 +151,7 @@ def plot_orders(table: pd.DataFrame, reference_order: str, ax=None):
                        fontsize=8)
     for t, c in colours.items():
         ax.scatter([], [], c=[c], label=f"last: {t}")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_ylabel("final mean recall over the 3 tasks")
     ax.set_title("What the order moves, against what the seed moves")
     return ax
@@ -307,7 +307,7 @@ def plot_combined(scores: pd.DataFrame, ax=None):
     ax.set_xticks(x, [name.replace(": ", ":\n").replace(" (", "\n(") for name in scores.index], fontsize=7.5)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("recall (test half)")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("One model from three experts")
     return ax
 
