@@ -30,6 +30,10 @@ class ResultCache:
             self._store[key] = fn(**config)
         return self._store[key]
 
+    def put(self, fn: Callable, config: dict, result: Any) -> None:
+        """Store ``result`` as ``fn(**config)``'s, e.g. a run the notebook already trained with those arguments."""
+        self._store[self.key(fn, config)] = result
+
     def __len__(self) -> int:
         return len(self._store)
 

@@ -139,21 +139,27 @@ def test_train_fit_without_baseline_trains_the_same(lab, stream):
 def test_the_three_routes_on_the_smoke_config():
     config = ch10.smoke_config(0)
     out = ch16.combined(config, 3)
-    assert set(out["states"]) == {"task arithmetic", "multi-task", "distilled (routed)", "distilled (averaged)"}
+    assert set(out["states"]) == {"task arithmetic", "multi-task", "distilled"}
     setup = ch10.lm_setup(config)
     for state in out["states"].values():
         assert set(state) == set(setup.base)
     scores = ch10.score_table(setup, out["states"])
     ch16.plot_combined(scores)
     plt.close("all")
+    right = ch16.target_accuracy(setup)
+    assert list(right.columns) == ["routed", "averaged"] and len(right) == len(setup.stream.tasks) + 1
+    assert ((right >= 0) & (right <= 1)).all().all()
     costs = ch16.counted_costs(setup, out, 3)
     assert costs.loc["task arithmetic", "training steps"] == 0
     assert costs.loc["distilled", "expert forward passes (prompts)"] == 3 * len(
         ch16.prompts_only(setup.stream).tasks[0].y_train)
 
 
-def test_the_playground_point_on_the_smoke_lab():
+def test_the_playground_point_on_the_smoke_lab(lab):
     result = ch16.order_point((2, 0, 1), "shared LoRA", steps=1, smoke=True)
     assert result["R"].shape == (3, 4) and result["trained"][0] == result["evaluated"][3]
+    stream = ch16.playground_stream(lab, smoke=True)  # the notebook's own run, handed to the playground's cache
+    again = ch16.point_of(ch16.run_orders(lab, stream, "shared LoRA", [(2, 0, 1)], steps=1)[0], stream)
+    assert np.array_equal(again["R"], result["R"]) and again["trained"] == result["trained"]
     ch16.plot_order_point(result)
     plt.close("all")

@@ -51,3 +51,18 @@ def test_cache_key_covers_the_full_configuration():
 def test_log_slider_spans_decades():
     slider = widgets.log_slider("λ", 1e-2, 1e6, 1.0)
     assert slider.min == -2 and slider.max == 6 and slider.value == pytest.approx(1.0)
+
+
+def test_a_result_put_in_the_cache_is_returned_without_calling():
+    from cl_lab.widgets import ResultCache
+
+    calls = []
+    cache = ResultCache()
+    cache.put(_square_for_put, {"x": 3}, 9)
+    assert cache.get(_square_for_put, {"x": 3}) == 9 and cache.hits == 1
+    assert cache.get(_square_for_put, {"x": 4}, ) == 16 and cache.misses == 1
+    assert calls == []
+
+
+def _square_for_put(x):
+    return x * x

@@ -160,14 +160,25 @@ def plot_orders(table: pd.DataFrame, reference_order: str, ax=None):
 def order_point(order: tuple[int, ...] = (0, 1, 2), setup: str = "full fine-tuning", steps: int = 40, seed: int = 0,
                 smoke: bool = False) -> dict:
     """The playground's callback: one order of chapter 09's tasks (the SMOKE lab's with ``smoke``) trained through
-    with ``setup``: {"R": [T, E], "trained": task names in order, "evaluated": the evaluation tasks' names}."""
+    with ``setup``, as ``point_of`` reads it."""
     lab = ch09.lab_of(seed, smoke)
-    stream = ch09.lm_stream(lab, ch09.SMOKE_TASKS if smoke else ch09.LM_TASKS, n_pretrained=50 if smoke else 150,
-                            seed=seed)
-    run = run_orders(lab, stream, setup, [order], seed=seed, steps=steps)[0]
+    stream = playground_stream(lab, seed, smoke)
+    return point_of(run_orders(lab, stream, setup, [order], seed=seed, steps=steps)[0], stream)
+
+
+def playground_stream(lab: lm.Lab, seed: int = 0, smoke: bool = False) -> Stream:
+    """The chapter's stream: chapter 09's tasks (the SMOKE tasks with ``smoke``) and 150 (50) scored pretraining
+    renderings."""
+    return ch09.lm_stream(lab, ch09.SMOKE_TASKS if smoke else ch09.LM_TASKS, n_pretrained=50 if smoke else 150,
+                          seed=seed)
+
+
+def point_of(run: OrderRun, stream: Stream) -> dict:
+    """A trained order as the playground shows it: {"R": [T, E], "trained": task names in order, "evaluated": the
+    evaluation tasks' names, "setup"}. The notebook hands its own first run to the playground's cache this way."""
     names = [t.name for t in stream.tasks]
-    return {"R": run.R, "trained": [names[k] for k in order], "evaluated": [t.name for t in stream.eval_tasks],
-            "setup": setup}
+    return {"R": run.R, "trained": [names[k] for k in run.order], "evaluated": [t.name for t in stream.eval_tasks],
+            "setup": run.setup}
 
 
 def plot_order_point(result: dict):
@@ -286,15 +297,30 @@ def multitask(setup: ch10.LMSetup, *, steps: int | None = None, seed: int = 0) -
 @lru_cache(maxsize=2)
 def combined(config: ch10.LMConfig, steps: int | None = None, lams: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)) -> dict:
     """Every way of getting one model from chapter 10's experts of ``config``, as states: task arithmetic (λ from
-    ``lams`` by validation recall), multi-task training and distillation routed by task and averaged, each trained
-    ``steps`` steps (default: as many as the experts together)."""
+    ``lams`` by validation recall), multi-task training and distillation (each prompt routed to its task's expert),
+    each trained ``steps`` steps (default: as many as the experts together)."""
     setup = ch10.lm_setup(config)
     lam, merged = ch10.best_lambda(setup, lambda v: merging.task_arithmetic(setup.base, setup.task_vectors, v), lams)
     seed = config.seed
     states = {"task arithmetic": merged, "multi-task": multitask(setup, steps=steps, seed=seed),
-              "distilled (routed)": distil(setup, routing="task", steps=steps, seed=seed),
-              "distilled (averaged)": distil(setup, routing="mean", steps=steps, seed=seed)}
+              "distilled": distil(setup, routing="task", steps=steps, seed=seed)}
     return {"λ": lam, "λ candidates": len(lams), "states": states}
+
+
+def target_accuracy(setup: ch10.LMSetup, temperature: float = 1.0) -> pd.DataFrame:
+    """How often a distillation target's most likely word is the prompt's answer, over each task's training prompts,
+    with each prompt routed to its task's expert or with the three experts averaged (the labels are read here only
+    to score the targets, never to train); a last row averages the tasks."""
+    teachers = experts(setup)
+    rows = {}
+    for k, task in enumerate(setup.stream.tasks):
+        t = torch.full((len(task.y_train),), k, dtype=torch.long)
+        rows[task.name] = {name: (teacher_targets(teachers, task.x_train, t, temperature=temperature, routing=routing)
+                                  .argmax(1) == task.y_train).double().mean().item()
+                           for name, routing in (("routed", "task"), ("averaged", "mean"))}
+    frame = pd.DataFrame(rows).T
+    frame.loc["mean over the tasks"] = frame.mean()
+    return frame
 
 
 def plot_combined(scores: pd.DataFrame, ax=None):
