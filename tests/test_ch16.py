@@ -163,3 +163,14 @@ def test_the_playground_point_on_the_smoke_lab(lab):
     assert np.array_equal(again["R"], result["R"]) and again["trained"] == result["trained"]
     ch16.plot_order_point(result)
     plt.close("all")
+
+
+def test_the_diagram_names_the_three_routes_and_what_each_needs():
+    from cl_lab.diagrams import ch16 as diagram
+
+    fig = diagram.experts_to_one()
+    texts = " ".join(t.get_text() for t in fig.axes[0].texts)
+    for name, needs, _ in diagram.ROUTES:
+        assert name in texts and needs in texts
+    assert texts.count("expert θ") == 3
+    plt.close(fig)
